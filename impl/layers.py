@@ -1,0 +1,326 @@
+"""Shared transformer pieces: RMSNorm, RoPE (1D and interleaved M-RoPE), attention, SwiGLU MLP, decoder layer,
+and the preallocated KV cache.
+
+The talker, the code predictor and the speech-tokenizer decoder's pre-transformer all use ``DecoderLayer`` /
+``Attention`` from here; what differs between them is injected (QK-norm or not, the RoPE flavour, a sliding
+window, layer scales), never copied into a near-identical class.
+
+Notation: B batch, T query length, S key length (cache included), H query heads, K kv heads, D head dim,
+C hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .taps import tap
+
+ATTN_IMPLS = ("eager", "sdpa")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (upstream ``Qwen3TTSRMSNorm`` / ``Qwen3TTSTokenizerV2DecoderRMSNorm``).
+
+    >>> RMSNorm(8)(torch.ones(2, 3, 8)).shape
+    torch.Size([2, 3, 8])
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        # Statistics in fp32 whatever the activation dtype (bf16 variance underflows otherwise).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast back to the activation dtype BEFORE the weight multiply, as upstream does; multiplying in fp32
+        # and casting after rounds differently in bf16.
+        return self.weight * x32.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """Default RoPE inverse frequencies, (D/2,), fp32: ``theta ** (-2i/D)``."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for half-split (GPT-NeoX, ``rotate_half``) RoPE.
+
+    ``forward(x, positions)`` takes positions of shape (B, T) -> cos, sin (B, T, D), or of shape (R, B, T) for
+    multi-row (M-RoPE) positions -> (R, B, T, D). Computed in fp32 with autocast off, then cast to ``x.dtype``
+    (upstream does the same; computing the angles in bf16 loses the position).
+
+    >>> cos, sin = RotaryEmbedding(16, 1e4)(torch.zeros(1), torch.arange(5)[None])
+    >>> cos.shape
+    torch.Size([1, 5, 16])
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=dev_type, enabled=False):
+            freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.float()  # (..., T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): the same angle in both halves
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x2, x1)`` over the last dim split in halves (not pairwise interleaved)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain 1D RoPE. q (B, H, T, D), k (B, K, T, D), cos/sin (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def merge_mrope(t: torch.Tensor, sections: list[int], interleaved: bool) -> torch.Tensor:
+    """Merge per-row M-RoPE tables (R=3, B, T, D) into one (B, T, D) table (upstream
+    ``apply_multimodal_rotary_pos_emb``).
+
+    Interleaved (Qwen3-VL/Omni): frequency slot f of the first half takes row 1 (H) if ``f % 3 == 1`` and
+    ``f < 3*sections[1]``, row 2 (W) if ``f % 3 == 2`` and ``f < 3*sections[2]``, otherwise row 0 (T); the half is
+    then duplicated. Sectioned (Qwen2-VL): contiguous chunks ``sections*2`` cycle through rows 0, 1, 2.
+    """
+    n_rows = len(sections)
+    if interleaved:
+        half = t[..., : t.shape[-1] // 2]
+        out = half[0].clone()  # (B, T, D/2)
+        for row in range(1, n_rows):
+            end = sections[row] * n_rows
+            out[..., row:end:n_rows] = half[row, ..., row:end:n_rows]
+        return torch.cat((out, out), dim=-1)
+    chunks = t.split(list(sections) * 2, dim=-1)
+    return torch.cat([c[i % n_rows] for i, c in enumerate(chunks)], dim=-1)
+
+
+def mrope_applier(sections: list[int], interleaved: bool) -> Callable:
+    """A RoPE function for cos/sin given per row (3, B, T, D), as the talker's attention uses."""
+
+    def apply(q, k, cos, sin):
+        return apply_rope(q, k, merge_mrope(cos, sections, interleaved), merge_mrope(sin, sections, interleaved))
+
+    return apply
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer: k, v (layers, B, K, S_max, D); ``length`` positions filled.
+
+    Passed into ``forward`` and advanced explicitly by the owner (``advance(T)`` after all layers ran), so a
+    prefill and a one-token step go through the same code.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype) -> KVCache:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, K, T, D) at the current length; return all filled keys/values (B, K, length+T, D)."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {t} positions > capacity {self.capacity}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def causal_mask(
+    q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device | str,
+    key_padding: torch.Tensor | None = None, window: int | None = None,
+) -> torch.Tensor | None:
+    """Additive mask (B or 1, 1, T, S): 0 where query may attend, ``finfo(dtype).min`` elsewhere.
+
+    Query t sits at absolute position ``kv_len - q_len + t``. ``key_padding`` (B, S) is 1 for real keys, 0 for
+    left padding. ``window`` keeps keys ``[pos - window + 1, pos]`` (72 in the codec decoder). Returns ``None``
+    when nothing is masked (one decode step, no padding, no window), so SDPA can take its fastest path.
+    """
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos  # (T, S)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :kv_len].bool()  # (B, 1, T, S)
+    if bool(allowed.all()):
+        return None
+    # finfo.min rather than -inf, as upstream: a fully masked (left-pad) row then softmaxes to uniform, not NaN.
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, S, D) -> (B, K*n_rep, S, D), each kv head repeated for its group of query heads."""
+    if n_rep == 1:
+        return x
+    b, k, s, d = x.shape
+    return x[:, :, None].expand(b, k, n_rep, s, d).reshape(b, k * n_rep, s, d)
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, optional per-head QK RMSNorm before RoPE, injected RoPE function.
+
+    Reproduces upstream ``Qwen3TTSTalkerAttention`` (QK-norm, M-RoPE), ``Qwen3TTSAttention`` (code predictor,
+    QK-norm, 1D RoPE) and ``Qwen3TTSTokenizerV2DecoderAttention`` (no QK-norm: ``nn.Identity``, 1D RoPE,
+    sliding window). ``head_dim`` is explicit: q_proj outputs ``n_heads * head_dim``, which need not equal the
+    hidden size (2048 vs 1024 in the 0.6B talker).
+
+    Taps: ``q_rope``, ``k_rope`` (B, H|K, T, D) after RoPE; ``attn_probs`` (B, H, T, S) on the eager path.
+    """
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
+                 qk_norm_eps: float | None = None, rope: Callable = apply_rope, window: int | None = None):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scaling = head_dim**-0.5
+        self.window = window
+        self.rope = rope
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=bias)
+        norm = (lambda: RMSNorm(head_dim, qk_norm_eps)) if qk_norm_eps is not None else nn.Identity
+        self.q_norm = norm()
+        self.k_norm = norm()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0, impl: str = "sdpa") -> torch.Tensor:
+        B, T, _ = x.shape
+        # QK-norm acts per head on (B, T, H, D), before the transpose and before RoPE (upstream order).
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = self.rope(q, k, cos, sin)
+        tap(self, "q_rope", q)
+        tap(self, "k_rope", k)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
+        if impl == "eager":
+            w = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
+            if mask is not None:
+                w = w + mask[..., : k.shape[2]]
+            # Softmax in fp32 then back to the activation dtype (upstream eager_attention_forward).
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            tap(self, "attn_probs", w)
+            o = torch.matmul(w, v)  # (B, H, T, D)
+        elif impl == "sdpa":
+            # is_causal only for a square, unpadded, unwindowed prefill: lets CUDA pick flash attention.
+            square = mask is None and T == k.shape[2] and T > 1
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square, scale=self.scaling)
+        else:
+            raise ValueError(f"attention implementation {impl!r} is not one of {ATTN_IMPLS}")
+        o = o.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        return self.o_proj(o)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, no biases (upstream ``Qwen3TTSTalkerTextMLP`` and the codec MLP)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale (upstream ``Qwen3TTSTokenizerV2DecoderLayerScale``): ``x * scale``."""
+
+    def __init__(self, dim: int, init: float = 0.01):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer layer: ``h = x + ls1(attn(norm1(x)))``, ``h + ls2(mlp(norm2(h)))``.
+
+    ``layer_scale=None`` (talker, code predictor) has no scales; a float (codec pre-transformer) adds
+    ``self_attn_layer_scale`` and ``mlp_layer_scale``.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+                 eps: float, qk_norm: bool, rope: Callable = apply_rope, window: int | None = None,
+                 layer_scale: float | None = None, bias: bool = False):
+        super().__init__()
+        self.self_attn = Attention(hidden, n_heads, n_kv_heads, head_dim, bias=bias,
+                                   qk_norm_eps=eps if qk_norm else None, rope=rope, window=window)
+        self.mlp = SwiGLU(hidden, intermediate)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        if layer_scale is not None:
+            self.self_attn_layer_scale = LayerScale(hidden, layer_scale)
+            self.mlp_layer_scale = LayerScale(hidden, layer_scale)
+        self.has_layer_scale = layer_scale is not None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0, impl: str = "sdpa") -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, impl)
+        if self.has_layer_scale:
+            a = self.self_attn_layer_scale(a)
+        h = x + a
+        m = self.mlp(self.post_attention_layernorm(h))
+        if self.has_layer_scale:
+            m = self.mlp_layer_scale(m)
+        return h + m
+
+
+def check_attn_impl(impl: str) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn={impl!r} is not one of {ATTN_IMPLS} (flash kernels are reached through sdpa on CUDA)")
+    return impl
+
+
+__all__ = [
+    "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rope", "merge_mrope", "mrope_applier", "KVCache",
+    "causal_mask", "repeat_kv", "Attention", "SwiGLU", "LayerScale", "DecoderLayer", "check_attn_impl", "math",
+]

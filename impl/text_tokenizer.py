@@ -73,7 +73,10 @@ def version_key(text: str) -> tuple:
     if pre is None:
         # a dev release with no pre/post sorts before every pre-release of the same version
         pre = (-_INF, 0) if m["dev_l"] and post_n is None else (_INF, 0)
-    local = tuple((0, int(p), "") if p.isdigit() else (-1, 0, p.lower()) for p in re.split(r"[-_.]", m["local"])) if m["local"] else ((-2, 0, ""),)
+    if m["local"]:  # numeric local segments sort above alphanumeric ones; any local sorts above none
+        local = tuple((0, int(p), "") if p.isdigit() else (-1, 0, p.lower()) for p in re.split(r"[-_.]", m["local"]))
+    else:
+        local = ((-2, 0, ""),)
     return (int(m["epoch"] or 0), tuple(release), pre, post, dev, local)
 
 
@@ -244,6 +247,11 @@ class TextTokenizer:
     def id_to_token(self, index: int) -> str | None:
         """Token string of an id (byte-level form for vocabulary tokens), or None if unknown."""
         return self._tok.id_to_token(index)
+
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The underlying ``tokenizers.Tokenizer`` (same name as transformers' attribute)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,262 @@
+"""pytest options, fixtures that build or reuse synthetic checkpoints and upstream references, and the results
+collector that writes ``reports/results.json`` for ``python -m reports``.
+
+Options: ``--preset tiny|0.6b|1.7b``, ``--checkpoint PATH`` (a real checkpoint folder; tests for other variants
+skip with a reason), ``--device cpu|cuda``, ``--dtype float32|bfloat16``, ``--attn eager|sdpa``, ``--refs DIR``
+(use pre-captured reference files ``DIR/<case>--<variant>.h5`` instead of capturing; a missing one fails),
+``--results PATH``.
+
+Built artefacts live under ``$QWEN3TTS_CACHE`` (default ``.cache/`` in the repo), keyed by everything that
+decides their content (preset, variant, seed and the synth code's hash for checkpoints; the checkpoint hash,
+case, dtype, attention and the capture code's hash for references), so a stale artefact is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parent
+CACHE = Path(os.environ.get("QWEN3TTS_CACHE", ROOT / ".cache"))
+DEFAULT_RESULTS = ROOT / "reports" / "results.json"
+SEED = 0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("qwen3tts parity")
+    g.addoption("--preset", default="tiny", choices=["tiny", "0.6b", "1.7b"], help="synthetic preset (default tiny)")
+    g.addoption("--checkpoint", default=None, help="a real checkpoint folder to test instead of a synthetic one")
+    g.addoption("--device", default="cpu", help="device for impl (cpu, cuda, cuda:1)")
+    g.addoption("--dtype", default="float32", choices=["float32", "bfloat16"], help="impl dtype")
+    g.addoption("--attn", default="eager", choices=["eager", "sdpa"], help="impl attention implementation")
+    g.addoption("--refs", default=None, help="folder of pre-captured references (<case>--<variant>.h5)")
+    g.addoption("--results", default=str(DEFAULT_RESULTS), help="where to write results.json")
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    d = request.config.getoption("--device")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip(f"--device {d}: CUDA is not available on this machine")
+    return d
+
+
+@pytest.fixture(scope="session")
+def dtype(request) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[request.config.getoption("--dtype")]
+
+
+@pytest.fixture(scope="session")
+def attn(request) -> str:
+    return request.config.getoption("--attn")
+
+
+@pytest.fixture(scope="session")
+def preset(request) -> str:
+    return request.config.getoption("--preset")
+
+
+# --------------------------------------------------------------------------------- build or reuse
+
+
+def _src_hash(*rels: str) -> str:
+    h = hashlib.sha256()
+    for rel in rels:
+        p = ROOT / rel
+        files = sorted(p.rglob("*.py")) + sorted(p.rglob("*.json")) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.relative_to(ROOT).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+SYNTH_SOURCES = ("reference_export/synth.py", "reference_export/tokenizer_files.py", "reference_export/upstream.py",
+                 "impl/config.py", "impl/presets")
+CAPTURE_SOURCES = ("reference_export/capture.py", "reference_export/cases", "reference_export/export.py",
+                   "reference_export/h5io.py", "reference_export/registry.py", "reference_export/upstream.py")
+
+
+@contextlib.contextmanager
+def _lock(name: str):
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".lock-{name}", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # several pytest processes may build the same artefact
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def synthetic_checkpoint(preset: str, variant: str, seed: int = SEED) -> Path:
+    """Build (once) and return a synthetic checkpoint folder."""
+    from reference_export.synth import build_checkpoint
+
+    key = f"{preset}-{variant}-s{seed}-{_src_hash(*SYNTH_SOURCES)}"
+    out = CACHE / "ckpt" / key
+    with _lock(key):
+        if not (out / "synth.json").exists():
+            build_checkpoint(preset, variant, seed, out, force=True, progress=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(request, preset):
+    """``checkpoint_dir(variant, preset=None) -> Path``: the checkpoint folder under test for a variant."""
+    real = request.config.getoption("--checkpoint")
+
+    def get(variant: str, preset_override: str | None = None) -> Path:
+        if real:
+            cfg = json.loads((Path(real) / "config.json").read_text())
+            if cfg.get("tts_model_type") != variant:
+                pytest.skip(f"--checkpoint {real} is a {cfg.get('tts_model_type')} checkpoint, not {variant}")
+            return Path(real)
+        p = preset_override or preset
+        from impl.config import ConfigError, preset_config_dicts
+
+        try:
+            preset_config_dicts(p, variant)
+        except ConfigError as e:
+            pytest.skip(str(e))
+        return synthetic_checkpoint(p, variant)
+
+    return get
+
+
+_UPSTREAM: dict[tuple, object] = {}
+
+
+def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn: str = "eager",
+                   dtype: str = "float32"):
+    """Capture (once) or find the reference file of ``case_name`` on ``ckpt``; return an open ``RefFile``."""
+    from reference_export.cases import get_case
+    from reference_export.h5io import RefFile
+    from reference_export.synth import checkpoint_sha256
+
+    sha = checkpoint_sha256(ckpt)
+    variant = json.loads((ckpt / "config.json").read_text())["tts_model_type"]
+    if refs_dir:
+        # Pre-captured references: a missing file is a failure, never a pass.
+        return RefFile(Path(refs_dir) / f"{case_name}--{variant}.h5", expect_checkpoint_sha256=sha)
+    case = get_case(case_name)
+    use_attn = case.attn or attn
+    key = f"{sha[:16]}-{case_name}-{dtype}-{use_attn}-{_src_hash(*CAPTURE_SOURCES)}"
+    out = CACHE / "refs" / f"{key}.h5"
+    with _lock(key):
+        if not out.exists():
+            from reference_export.export import DTYPES, capture_case
+            from reference_export.upstream import load_upstream
+
+            ukey = (str(ckpt), dtype, use_attn)
+            if ukey not in _UPSTREAM:
+                _UPSTREAM.clear()  # one upstream model in memory at a time
+                _UPSTREAM[ukey] = load_upstream(ckpt, dtype=DTYPES[dtype], attn=use_attn)
+            capture_case(case_name, ckpt, out, dtype=dtype, attn=use_attn, seed=SEED, upstream=_UPSTREAM[ukey],
+                         progress=False)
+    return RefFile(out, expect_checkpoint_sha256=sha)
+
+
+@pytest.fixture(scope="session")
+def reference(request, checkpoint_dir):
+    """``reference(case_name, variant, preset=None, dtype="float32") -> RefFile``."""
+    refs_dir = request.config.getoption("--refs")
+    opened = []
+
+    def get(case_name: str, variant: str, preset_override: str | None = None, dtype: str = "float32"):
+        r = reference_file(case_name, checkpoint_dir(variant, preset_override), refs_dir, dtype=dtype)
+        opened.append(r)
+        return r
+
+    yield get
+    for r in opened:
+        r.close()
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+class Results:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.outcomes: dict[str, str] = {}
+        self.durations: dict[str, float] = {}
+        self.start = time.time()
+
+    def add(self, nodeid: str, result, row: str, component: str, variant: str = "", notes: str = "",
+            preset: str = "") -> None:
+        self.rows.append({"nodeid": nodeid, "row": row, "component": component, "variant": variant,
+                          "preset": preset, "notes": notes, "result": result.to_json()})
+
+
+_RESULTS = Results()
+
+
+@pytest.fixture
+def record(request, preset):
+    """``record(result, row=..., component=..., variant="", notes="")`` adds a comparison to results.json."""
+
+    def add(result, row: str, component: str, variant: str = "", notes: str = "", preset_override: str = ""):
+        _RESULTS.add(request.node.nodeid, result, row, component, variant, notes, preset_override or preset)
+        return result
+
+    return add
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _RESULTS.outcomes[report.nodeid] = report.outcome
+        _RESULTS.durations[report.nodeid] = report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if getattr(session.config, "workerinput", None) is not None:
+        return
+    path = Path(session.config.getoption("--results"))
+    outcomes = list(_RESULTS.outcomes.values())
+    vers = {"torch": str(torch.__version__)}
+    try:
+        import importlib.metadata as md
+
+        for pkg in ("qwen-tts", "transformers", "tokenizers", "librosa"):
+            with contextlib.suppress(md.PackageNotFoundError):
+                vers[pkg] = md.version(pkg)
+    except Exception:  # provenance is best effort; results still get written
+        pass
+    from reference_export.export import git_sha
+
+    data = {
+        "schema": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "provenance": {
+            "git_sha": git_sha(), "versions": vers, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+            "preset": session.config.getoption("--preset"), "checkpoint": session.config.getoption("--checkpoint"),
+            "device": session.config.getoption("--device"), "dtype": session.config.getoption("--dtype"),
+            "attn": session.config.getoption("--attn"), "markexpr": session.config.getoption("-m") or "",
+        },
+        "summary": {
+            "collected": session.testscollected, "passed": outcomes.count("passed"),
+            "failed": outcomes.count("failed"), "skipped": outcomes.count("skipped"),
+            "duration_s": round(time.time() - _RESULTS.start, 1), "exitstatus": int(exitstatus),
+        },
+        "tests": _RESULTS.outcomes,
+        "rows": _RESULTS.rows,
+    }
+    if not _RESULTS.rows and not outcomes:
+        return  # e.g. --collect-only: keep the previous results
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

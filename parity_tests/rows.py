@@ -1,0 +1,55 @@
+"""Shared machinery for parity rows: a row is a named group of taps judged at one tier.
+
+``compare_row`` compares every tap of a row between ``impl``'s recording and a reference file and returns the
+``CompareResult``s; a tap the reference lacks or ``impl`` did not emit is a failed result (never skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from reports.compare import CompareResult, compare
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    taps: tuple[str, ...]
+    tier: str
+    overrides: dict[str, str] = field(default_factory=dict)  # tap -> tier (with a reason in the row table)
+
+
+def missing(name: str, where: str, tier: str) -> CompareResult:
+    r = CompareResult(name, tier, False, [], [], "")
+    r.message = f"{name}: not recorded by {where} (a missing tap is a failure)"
+    return r
+
+
+def compare_row(row: Row, got: dict[str, torch.Tensor], ref, step: int | None = None) -> list[CompareResult]:
+    out = []
+    for name in row.taps:
+        tier = row.overrides.get(name, row.tier)
+        if not ref.has(name):
+            out.append(missing(name, f"the reference {ref.path.name}", tier))
+            continue
+        if name not in got:
+            out.append(missing(name, "impl", tier))
+            continue
+        r = ref.tap(name) if step is None else ref.tap_steps(name)[step]
+        out.append(compare(name, got[name].float(), r.float(), tier))
+    if not out:
+        raise AssertionError(f"row {row.name!r} compares nothing")
+    return out
+
+
+def worst(results: list[CompareResult]) -> CompareResult:
+    """The result that represents a row: the first failure, else the largest max_abs."""
+    bad = [r for r in results if not r]
+    return bad[0] if bad else max(results, key=lambda r: r.max_abs)
+
+
+def assert_row(row: str, results: list[CompareResult]) -> None:
+    bad = [r for r in results if not r]
+    assert not bad, f"{row}: " + " | ".join(r.message for r in bad)

@@ -1,0 +1,94 @@
+"""The harness can fail: deliberate bugs in ``impl`` must turn named parity rows red.
+
+Each mutation is one bug other ports shipped (see parity-practice.md). The talker's layer-0 rows are re-run on the
+mutated model against the same upstream reference; the test passes only if the named row FAILS (and the rows
+the mutation cannot reach still pass, so a red row is the mutation's doing, not noise).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import impl.layers as layers
+from reports.compare import CompareResult
+
+from .rows import compare_row
+from .test_talker_layer import ROWS, build_talker, run_stack
+
+ROW = {r.name: r for r in ROWS}
+
+
+def _swap_rope_sign(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, -x1), dim=-1)  # the other sign convention: rotates the wrong way
+
+
+def _norm_in_low_precision(self, x: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return self.weight * x32.to(torch.bfloat16).to(x.dtype)  # rounded to bf16 before the weight multiply
+
+
+def _drop_qk_norm(talker) -> None:
+    for layer in talker.model.layers:
+        layer.self_attn.q_norm = nn.Identity()
+        layer.self_attn.k_norm = nn.Identity()
+
+
+MUTATIONS = {
+    # name: (how to mutate, the row that must turn red, a row upstream of the bug that must stay green)
+    "rope-sign-swapped": ("patch", ("rotate_half", _swap_rope_sign), "RoPE", "QK Norm"),
+    "qk-norm-dropped": ("model", _drop_qk_norm, "QK Norm", "QKV Projections"),
+    "norm-cast-before-weight": ("patch_cls", ("forward", _norm_in_low_precision), "RMS Norm", "Text Projection"),
+}
+
+
+@pytest.mark.mutation
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_mutation_turns_row_red(name, checkpoint_dir, reference, monkeypatch, record):
+    kind, what, red_row, green_row = MUTATIONS[name]
+    ckpt = checkpoint_dir("custom_voice")
+    ref = reference("talker_stack", "custom_voice")
+    if kind == "patch":
+        monkeypatch.setattr(layers, what[0], what[1])
+    elif kind == "patch_cls":
+        monkeypatch.setattr(layers.RMSNorm, what[0], what[1])
+    talker = build_talker(ckpt)
+    if kind == "model":
+        what(talker)
+    got = run_stack(talker, ref, "cpu", "eager")
+    red = compare_row(ROW[red_row], got, ref)
+    green = compare_row(ROW[green_row], got, ref)
+    for r in red:
+        record(r, row=f"mutation {name} → {red_row}", component="Mutation self-test", variant="custom_voice",
+               notes="expected to FAIL")
+    assert not all(red), f"mutation {name} left row {red_row!r} green: the harness cannot see this bug"
+    assert all(green), f"mutation {name} also broke {green_row!r}, which it cannot reach: " + \
+        " | ".join(r.message for r in green if not r)
+
+
+@pytest.mark.mutation
+def test_mutation_head_dim_fallback(checkpoint_dir):
+    """head_dim = hidden/heads (the silent fallback that gave other ports 64 instead of 128): the loader
+    refuses the checkpoint, naming q_proj and both shapes."""
+    from impl.loading import CheckpointError
+
+    ckpt = checkpoint_dir("custom_voice")
+
+    def fallback(d):
+        t = d["talker_config"]
+        t["head_dim"] = t["hidden_size"] // t["num_attention_heads"]
+        t["rope_scaling"]["mrope_section"] = [t["head_dim"] // 2 - 2 * (t["head_dim"] // 6), t["head_dim"] // 6,
+                                              t["head_dim"] // 6]
+
+    with pytest.raises(CheckpointError, match=r"q_proj.weight has shape"):
+        build_talker(ckpt, cfg_edit=fallback)
+
+
+def test_comparing_nothing_fails():
+    from reports.compare import compare
+
+    r = compare("empty", torch.zeros(0), torch.zeros(0), "op")
+    assert isinstance(r, CompareResult) and not r and "zero elements" in r.message

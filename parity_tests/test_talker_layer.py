@@ -1,0 +1,125 @@
+"""Talker layer 0, op by op, against upstream (the harness's vertical slice; tests ``impl/layers.py`` and the
+first layers of ``impl/talker.py``).
+
+Our talker runs end to end on the reference's stored text ids (and positions); every tap of layer 0 is compared
+with upstream's. Rows: Text Embedding, Text Projection, RMS Norm, QKV Projections, QK Norm, RoPE, Attention
+(probabilities and output), O Projection, MLP, Full Layer 0 — for every variant on ``tiny``, and on 0.6b
+dimensions behind ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from impl.config import Qwen3TTSConfig
+from impl.loading import load_into, read_state_dict
+from impl.talker import Talker, attention_bias
+from impl.taps import recording
+
+from .rows import Row, assert_row, compare_row, worst
+
+L0 = "talker.model.layers.0"
+ROWS = [
+    Row("Text Embedding", ("talker.model.text_embedding:out",), "op"),
+    Row("Text Projection", ("talker.text_projection.linear_fc1:out", "talker.text_projection:out"), "op"),
+    Row("RMS Norm", (f"{L0}.input_layernorm:out", f"{L0}.post_attention_layernorm:out"), "op"),
+    Row("QKV Projections", (f"{L0}.self_attn.q_proj:out", f"{L0}.self_attn.k_proj:out", f"{L0}.self_attn.v_proj:out"), "op"),
+    Row("QK Norm", (f"{L0}.self_attn.q_norm:out", f"{L0}.self_attn.k_norm:out"), "op"),
+    Row("RoPE", (f"{L0}.self_attn:q_rope", f"{L0}.self_attn:k_rope"), "op"),
+    Row("Attention (probabilities)", (f"{L0}.self_attn:attn_probs",), "block"),
+    Row("Attention (output)", (f"{L0}.self_attn.o_proj:in",), "block"),
+    Row("O Projection", (f"{L0}.self_attn.o_proj:out",), "op"),
+    Row("MLP", (f"{L0}.mlp.gate_proj:out", f"{L0}.mlp.up_proj:out", f"{L0}.mlp:out"), "block"),
+    Row("Full Layer 0", (f"{L0}:out",), "block"),
+]
+VARIANTS = ["base", "custom_voice", "voice_design"]
+
+
+def build_talker(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, cfg_edit=None) -> Talker:
+    """impl's talker stack from a checkpoint folder (text side + decoder layers)."""
+    d = json.loads((ckpt / "config.json").read_text())
+    if cfg_edit:
+        cfg_edit(d)
+    cfg = Qwen3TTSConfig.from_dict(d, where=str(ckpt / "config.json"))
+    talker = Talker(cfg.talker_config)
+    where = str(ckpt / "model.safetensors")
+    load_into(talker.model, read_state_dict(ckpt, "talker.model."), where, "talker.model.")
+    load_into(talker.text_projection, read_state_dict(ckpt, "talker.text_projection."), where, "talker.text_projection.")
+    return talker.to(device=device, dtype=dtype).eval()
+
+
+def run_stack(talker: Talker, ref, device: str, attn: str) -> dict[str, torch.Tensor]:
+    """Run impl on the reference's inputs; return {tap name: tensor}."""
+    ids = ref.input("text_ids").to(device)
+    B, T = ids.shape
+    if "position_ids" in ref.inputs():
+        pos = ref.input("position_ids").to(device)  # (3, B, T) distinct rows
+    else:
+        pos = torch.arange(T, device=device).expand(3, B, T)  # upstream's default: cache_position, 3 equal rows
+    dtype = next(talker.parameters()).dtype
+    with recording(talker, prefix="talker", inputs=True) as rec, torch.no_grad():
+        mask = attention_bias(T, T, dtype, torch.device(device), None)
+        talker.model(talker.embed_text(ids), pos, mask, impl=attn)
+    return {k: v[0] for k, v in rec.records.items()}
+
+
+@pytest.fixture(scope="module")
+def stack_runs(checkpoint_dir, reference, device, attn):
+    cache: dict = {}
+
+    def get(variant: str, case: str = "talker_stack", preset: str | None = None):
+        key = (variant, case, preset)
+        if key not in cache:
+            ref = reference(case, variant, preset)
+            talker = build_talker(checkpoint_dir(variant, preset), device)
+            cache[key] = (run_stack(talker, ref, device, attn), ref)
+        return cache[key]
+
+    return get
+
+
+def _check(row: Row, got, ref, attn: str):
+    if row.name == "Attention (probabilities)" and attn != "eager":
+        pytest.skip("attention probabilities exist only on the eager path (run with --attn eager)")
+    return compare_row(row, got, ref)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_layer0(row: Row, variant: str, stack_runs, record, attn):
+    got, ref = stack_runs(variant)
+    results = _check(row, got, ref, attn)
+    for r in results:
+        record(r, row=row.name, component="Talker layer 0", variant=variant)
+    assert_row(row.name, results)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.name in ("RoPE", "Attention (output)", "Full Layer 0")],
+                         ids=lambda r: r.name)
+def test_layer0_distinct_mrope_rows(row: Row, stack_runs, record, attn):
+    """Three distinct M-RoPE position rows: the interleaved section merge itself (invisible in inference)."""
+    got, ref = stack_runs("custom_voice", "talker_stack_mrope")
+    results = _check(row, got, ref, attn)
+    for r in results:
+        record(r, row=f"{row.name} (distinct M-RoPE rows)", component="Talker layer 0", variant="custom_voice")
+    assert_row(row.name, results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_layer0_released_dims(row: Row, stack_runs, record, attn):
+    """0.6b dimensions (random weights): head_dim 128 with a 1024-wide talker, 16/8 heads."""
+    got, ref = stack_runs("base", preset="0.6b")
+    results = _check(row, got, ref, attn)
+    for r in results:
+        record(r, row=row.name, component="Talker layer 0 (0.6b dims)", variant="base", preset_override="0.6b")
+    assert_row(row.name, results)
+
+
+def row_summary(results) -> str:
+    w = worst(results)
+    return f"{w.name} max_abs={w.max_abs:.3g}"

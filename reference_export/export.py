@@ -1,0 +1,70 @@
+"""Run one case on upstream and write its reference file (the ``capture`` command)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .capture import capture
+from .cases import CaseEnv, get_case
+from .h5io import write_refs
+from .registry import expected_taps, missing_taps
+from .synth import checkpoint_sha256
+from .upstream import UPSTREAM_VERSION, load_upstream, versions
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def capture_case(case_name: str, checkpoint: str | Path, out: str | Path, *, device: str = "cpu",
+                 dtype: str = "float32", attn: str = "eager", seed: int = 0, progress: bool = True,
+                 upstream=None) -> Path:
+    """Capture ``case_name`` from upstream on ``checkpoint`` into ``out`` (HDF5, atomic)."""
+    case = get_case(case_name)
+    checkpoint = Path(checkpoint)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    st_cfg = json.loads((checkpoint / "speech_tokenizer" / "config.json").read_text())
+    variant = cfg.get("tts_model_type")
+    if variant not in case.variants:
+        raise CaptureError(f"case {case_name!r} does not apply to variant {variant!r} (only {case.variants})")
+    if dtype not in DTYPES:
+        raise CaptureError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    use_attn = case.attn or attn
+    up = upstream or load_upstream(checkpoint, device=device, dtype=DTYPES[dtype], attn=use_attn)
+    torch.manual_seed(seed)
+    env = CaseEnv(checkpoint=checkpoint, config=cfg, st_config=st_cfg, seed=seed)
+    inputs = case.make_inputs(env)
+    roots = {k: v for k, v in up.roots().items() if k in case.roots}
+    with capture(roots, include=case.include, inputs=case.record_inputs) as rec:
+        case.run(up, inputs, rec)
+    expected = expected_taps(case.component, cfg, st_cfg, case.settings)
+    missing = missing_taps(expected, set(rec.records))
+    if missing:
+        raise CaptureError(f"case {case_name}: upstream run did not record {len(missing)} registry tap(s), "
+                           f"e.g. {missing[:5]}")
+    vers = versions()
+    meta = {
+        "harness_git_sha": git_sha(), "versions": vers, "qwen_tts_version": vers.get("qwen-tts", UPSTREAM_VERSION),
+        "transformers_version": vers.get("transformers"), "torch_version": vers.get("torch"),
+        "device": device, "dtype": dtype, "attn": use_attn, "seed": seed,
+        "preset": cfg.get("tts_model_size"), "variant": variant,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint), "case_name": case_name,
+        "expected_taps": expected,
+    }
+    settings = {"description": case.description, "component": case.component, **case.settings}
+    return write_refs(out, meta=meta, case=settings, inputs=inputs, records=rec.records, steps=rec.steps,
+                      progress=progress)

@@ -1,0 +1,216 @@
+"""The reference HDF5 file: writer and reader (schema version ``SCHEMA_VERSION``).
+
+Layout::
+
+    /                     attrs: schema_version, created, harness_git_sha, versions (JSON), device, dtype, attn,
+                                 seed, preset, variant, checkpoint_sha256, case_name
+    /case                 attrs: the case's settings (JSON-able values; lists/dicts as JSON strings)
+    /inputs/<name>        input arrays
+    /taps/<module path>/<point>          a dataset when the point was recorded once;
+    /taps/<module path>/<point>/step_00012   a group of datasets when recorded per call (autoregressive steps,
+                                         numbered by call order; each dataset's ``step`` attr is the decode step)
+
+Every tap dataset keeps its exact dtype (bf16 is stored as its raw 16-bit pattern, uint16, with attr
+``torch_dtype = "bfloat16"``) and carries attrs shape, dtype, mean, std, absmax, finite, step.
+Writes go to a temporary file in the same folder, renamed into place on success: a failed capture leaves no
+partial file and never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+
+
+class ReferenceError_(Exception):
+    """A reference file that is missing, of another schema, or for another checkpoint."""
+
+
+def _to_numpy(t: torch.Tensor | np.ndarray) -> tuple[np.ndarray, str]:
+    if isinstance(t, np.ndarray):
+        return t, str(t.dtype)
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy(), "bfloat16"
+    return t.numpy(), str(t.dtype).replace("torch.", "")
+
+
+def _from_numpy(a: np.ndarray, torch_dtype: str | None) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if torch_dtype == "bfloat16":
+        return t.view(torch.bfloat16)
+    return t
+
+
+def _stats(t: torch.Tensor) -> dict[str, Any]:
+    f = t.detach().double() if t.is_floating_point() else t.detach().to(torch.float64)
+    finite = bool(torch.isfinite(f).all()) if f.numel() else True
+    if f.numel() == 0:
+        return {"mean": 0.0, "std": 0.0, "absmax": 0.0, "finite": finite}
+    return {"mean": float(f.mean()), "std": float(f.std()) if f.numel() > 1 else 0.0,
+            "absmax": float(f.abs().max()), "finite": finite}
+
+
+def _attr(v: Any) -> Any:
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return str(v)  # plain str (TorchVersion and other str subclasses confuse h5py)
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    return v
+
+
+def write_refs(path: str | Path, *, meta: dict[str, Any], case: dict[str, Any],
+               inputs: dict[str, torch.Tensor | np.ndarray], records: dict[str, list[torch.Tensor]],
+               steps: dict[str, list[int]] | None = None, progress: bool = True) -> Path:
+    """Write one case's references atomically; return the path."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    steps = steps or {}
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+            for k, v in meta.items():
+                f.attrs[k] = _attr(v)
+            g = f.create_group("case")
+            for k, v in case.items():
+                g.attrs[k] = _attr(v)
+            gi = f.create_group("inputs")
+            for k, v in inputs.items():
+                arr, dt = _to_numpy(v if isinstance(v, (np.ndarray, torch.Tensor)) else np.asarray(v))
+                ds = gi.create_dataset(k, data=arr)
+                ds.attrs["torch_dtype"] = dt
+            gt = f.create_group("taps")
+            for name, tensors in tqdm(sorted(records.items()), desc=f"write {path.name}", disable=not progress,
+                                      leave=False):
+                module, point = name.rsplit(":", 1)
+                grp = gt.require_group(module)
+                st = steps.get(name, [0] * len(tensors))
+                if len(tensors) == 1:
+                    _write_tensor(grp, point, tensors[0], st[0])
+                else:
+                    sub = grp.create_group(point)
+                    for i, t in enumerate(tensors):
+                        _write_tensor(sub, f"step_{i:05d}", t, st[i])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_tensor(grp: h5py.Group, name: str, t: torch.Tensor, step: int) -> None:
+    arr, dt = _to_numpy(t)
+    ds = grp.create_dataset(name, data=arr)
+    ds.attrs.update({"shape": list(t.shape), "dtype": dt, "torch_dtype": dt, "step": step, **_stats(t)})
+
+
+class RefFile:
+    """Read a reference file. Raises ``ReferenceError_`` with the file name on any mismatch or absence."""
+
+    def __init__(self, path: str | Path, expect_checkpoint_sha256: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ReferenceError_(f"{self.path}: reference file not found")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ReferenceError_(f"{self.path}: not a readable HDF5 file ({e})") from None
+        v = self._f.attrs.get("schema_version")
+        if v != SCHEMA_VERSION:
+            raise ReferenceError_(f"{self.path}: schema_version {v!r}, this harness reads {SCHEMA_VERSION}")
+        for grp in ("case", "inputs", "taps"):
+            if grp not in self._f:
+                raise ReferenceError_(f"{self.path}: missing group /{grp}")
+        if expect_checkpoint_sha256 is not None:
+            got = self._f.attrs.get("checkpoint_sha256")
+            if got != expect_checkpoint_sha256:
+                raise ReferenceError_(
+                    f"{self.path}: captured from checkpoint {str(got)[:12]}…, but the checkpoint under test is "
+                    f"{expect_checkpoint_sha256[:12]}… (re-capture it)")
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {k: _decode_attr(v) for k, v in self._f.attrs.items()}
+
+    @property
+    def case(self) -> dict[str, Any]:
+        return {k: _decode_attr(v) for k, v in self._f["case"].attrs.items()}
+
+    def input(self, name: str) -> torch.Tensor:
+        if name not in self._f["inputs"]:
+            raise ReferenceError_(f"{self.path}: no input {name!r} (has {sorted(self._f['inputs'])})")
+        ds = self._f["inputs"][name]
+        return _from_numpy(ds[()], ds.attrs.get("torch_dtype"))
+
+    def inputs(self) -> list[str]:
+        return sorted(self._f["inputs"])
+
+    def names(self) -> list[str]:
+        out = []
+        for module, grp in self._f["taps"].items():
+            for point in grp:
+                out.append(f"{module}:{point}")
+        return sorted(out)
+
+    def _node(self, name: str):
+        module, _, point = name.rpartition(":")
+        taps = self._f["taps"]
+        if module not in taps or point not in taps[module]:
+            near = [n for n in self.names() if n.startswith(module.rsplit(".", 1)[0])][:5]
+            raise ReferenceError_(f"{self.path}: no reference tap {name!r} (nearby: {near})")
+        return taps[module][point]
+
+    def has(self, name: str) -> bool:
+        module, _, point = name.rpartition(":")
+        return module in self._f["taps"] and point in self._f["taps"][module]
+
+    def tap(self, name: str) -> torch.Tensor:
+        """The tensor of a tap recorded once (raises if it was recorded per step)."""
+        node = self._node(name)
+        if isinstance(node, h5py.Group):
+            raise ReferenceError_(f"{self.path}: tap {name!r} was recorded {len(node)} times; use tap_steps()")
+        return _from_numpy(node[()], node.attrs.get("torch_dtype"))
+
+    def tap_steps(self, name: str) -> list[torch.Tensor]:
+        """All calls of a tap in call order (a single-call tap gives a one-element list)."""
+        node = self._node(name)
+        if isinstance(node, h5py.Dataset):
+            return [_from_numpy(node[()], node.attrs.get("torch_dtype"))]
+        return [_from_numpy(node[k][()], node[k].attrs.get("torch_dtype")) for k in sorted(node)]
+
+    def __enter__(self) -> RefFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _decode_attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{" or v == "null":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

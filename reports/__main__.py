@@ -1,0 +1,60 @@
+"""``python -m reports``: the main job and the report tools.
+
+    python -m reports run [--preset tiny] [-- extra pytest args]   build checkpoints + references, run the parity
+                                                                   suite, write reports/VALIDATION.md
+    python -m reports render [--results reports/results.json]      results.json -> VALIDATION.md, summary.json, plot
+    python -m reports gate [--update]                              CI gate against reports/baseline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .gate import gate
+from .render import render
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reports", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the parity suite and render the report")
+    r.add_argument("--preset", default="tiny", choices=["tiny", "0.6b", "1.7b"])
+    r.add_argument("--checkpoint", default=None, help="a real checkpoint folder instead of synthetic ones")
+    r.add_argument("--results", default=str(HERE / "results.json"))
+    r.add_argument("--out", default=str(HERE / "VALIDATION.md"))
+    r.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    d = sub.add_parser("render", help="render results.json into VALIDATION.md")
+    d.add_argument("--results", default=str(HERE / "results.json"))
+    d.add_argument("--out", default=str(HERE / "VALIDATION.md"))
+    g = sub.add_parser("gate", help="compare results.json with the committed baseline")
+    g.add_argument("--results", default=str(HERE / "results.json"))
+    g.add_argument("--baseline", default=str(HERE / "baseline.json"))
+    g.add_argument("--update", action="store_true", help="rewrite the baseline from these results")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        cmd = [sys.executable, "-m", "pytest", "-q", "parity_tests", "-m", "not slow and not benchmark",
+               "--preset", a.preset, "--results", a.results]
+        if a.checkpoint:
+            cmd += ["--checkpoint", a.checkpoint]
+        cmd += a.pytest_args
+        print("reports: " + " ".join(cmd[2:]), flush=True)
+        rc = subprocess.call(cmd, cwd=ROOT)
+        for f in render(Path(a.results), Path(a.out)):
+            print(f"reports: wrote {f}")
+        return rc
+    if a.cmd == "render":
+        for f in render(Path(a.results), Path(a.out)):
+            print(f"reports: wrote {f}")
+        return 0
+    return gate(Path(a.results), Path(a.baseline), a.update)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

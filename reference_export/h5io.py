@@ -130,7 +130,7 @@ class RefFile:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise ReferenceError_(f"{self.path}: not a readable HDF5 file ({e})") from None
-        v = self._f.attrs.get("schema_version")
+        v = _decode_attr(self._f.attrs.get("schema_version"))
         if v != SCHEMA_VERSION:
             raise ReferenceError_(f"{self.path}: schema_version {v!r}, this harness reads {SCHEMA_VERSION}")
         for grp in ("case", "inputs", "taps"):

@@ -1,0 +1,86 @@
+"""Strict config parsing and strict checkpoint loading: clear one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from impl.config import ConfigError, Qwen3TTSConfig, SpeechTokenizerConfig, preset_config_dicts
+from impl.loading import CheckpointError, load_into, read_state_dict
+
+
+@pytest.mark.parametrize("preset,variant", [("tiny", "base"), ("tiny", "custom_voice"), ("tiny", "voice_design"),
+                                            ("0.6b", "base"), ("0.6b", "custom_voice"), ("1.7b", "base"),
+                                            ("1.7b", "custom_voice"), ("1.7b", "voice_design")])
+def test_presets_parse(preset, variant):
+    c, s = preset_config_dicts(preset, variant)
+    cfg = Qwen3TTSConfig.from_dict(c)
+    SpeechTokenizerConfig.from_dict(s)
+    t = cfg.talker_config
+    assert t.head_dim * t.num_attention_heads != t.hidden_size or preset == "1.7b"  # head_dim is not hidden/heads
+    assert (cfg.speaker_encoder_config is not None) == (variant == "base")
+
+
+def test_unknown_key_raises_naming_it():
+    c, _ = preset_config_dicts("tiny", "base")
+    c["talker_config"]["hiden_size"] = 3
+    with pytest.raises(ConfigError, match=r"talker_config: unknown key\(s\) \['hiden_size'\]"):
+        Qwen3TTSConfig.from_dict(c)
+
+
+@pytest.mark.parametrize("path", [("talker_config", "head_dim"), ("talker_config", "text_vocab_size"),
+                                  ("talker_config", "rope_scaling")])
+def test_keys_upstream_reads_through_kwargs_are_required(path):
+    c, _ = preset_config_dicts("tiny", "custom_voice")
+    del c[path[0]][path[1]]
+    with pytest.raises(ConfigError, match=path[1]):
+        Qwen3TTSConfig.from_dict(c)
+
+
+def test_codec_head_dim_required_and_bad_rates_rejected():
+    _, s = preset_config_dicts("tiny", "base")
+    s2 = copy.deepcopy(s)
+    del s2["decoder_config"]["head_dim"]
+    with pytest.raises(ConfigError, match="head_dim"):
+        SpeechTokenizerConfig.from_dict(s2)
+    s3 = copy.deepcopy(s)
+    s3["decoder_config"]["upsample_rates"] = [8, 5, 4, 2]
+    with pytest.raises(ConfigError, match="1920"):
+        SpeechTokenizerConfig.from_dict(s3)
+
+
+def test_upstream_serialised_config_parses():
+    """The full transformers-serialised form (every PretrainedConfig attribute) is accepted."""
+    from reference_export.upstream import import_upstream
+
+    up = import_upstream()
+    c, _ = preset_config_dicts("tiny", "custom_voice")
+    full = up.Qwen3TTSConfig(**c).to_dict()
+    cfg = Qwen3TTSConfig.from_dict(json.loads(json.dumps(full, default=str)))
+    assert cfg.talker_config.head_dim == 32
+
+
+def test_loader_errors_name_file_key_and_shapes(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    save_file({"m.weight": torch.zeros(2, 3), "m.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
+    save_file({"m.weight": torch.zeros(2, 4), "m.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"f: key m.weight has shape \(2, 4\), model expects \(2, 3\)"):
+        load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
+    save_file({"m.weight": torch.zeros(2, 3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) \[m.bias\]"):
+        load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
+    save_file({"m.weight": torch.zeros(2, 3), "m.bias": torch.zeros(2), "m.extra": torch.zeros(1)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) \[m.extra\]"):
+        load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+        read_state_dict(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        read_state_dict(tmp_path)

@@ -10,6 +10,9 @@ cd "$(dirname "$0")"
 VENV=${QWEN3TTS_VENV:-.venv}
 PY="$VENV/bin/python"
 
+# pip on these machines warns about every absent local index folder; keep real messages only.
+quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 setup() {
     local stamp="$VENV/.requirements.lock"
     if [ -x "$PY" ] && cmp -s requirements.lock "$stamp"; then return 0; fi
@@ -20,10 +23,10 @@ setup() {
     [ -x "$PY" ] || "$base" -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     # torch==2.13.0 is the first line of the lock: pinned so pip never pulls a multi-GB CUDA build.
-    "$PY" -m pip install -q -r requirements.lock
+    "$PY" -m pip install -q -r requirements.lock 2>&1 | quiet
     # Upstream reference package without its dependency list (gradio, torchaudio, accelerate are not used by
     # the 12 Hz path; the modules it does import are in requirements.lock). See README "Why --no-deps".
-    "$PY" -m pip install -q --no-deps qwen-tts==0.1.1
+    "$PY" -m pip install -q --no-deps qwen-tts==0.1.1 2>&1 | quiet
     cp requirements.lock "$stamp"
 }
 

@@ -95,15 +95,18 @@ def write_refs(path: str | Path, *, meta: dict[str, Any], case: dict[str, Any],
                 ds = gi.create_dataset(k, data=arr)
                 ds.attrs["torch_dtype"] = dt
             gt = f.create_group("taps")
-            for name, tensors in tqdm(sorted(records.items()), desc=f"write {path.name}", disable=not progress,
-                                      leave=False):
+            # ``order``: position of the tap's first record in execution order (records keep insertion order),
+            # so a reader can name the first tap where two runs diverge.
+            for order, (name, tensors) in enumerate(tqdm(list(records.items()), desc=f"write {path.name}",
+                                                         disable=not progress, leave=False)):
                 module, point = name.rsplit(":", 1)
                 grp = gt.require_group(module)
                 st = steps.get(name, [0] * len(tensors))
                 if len(tensors) == 1:
-                    _write_tensor(grp, point, tensors[0], st[0])
+                    _write_tensor(grp, point, tensors[0], st[0]).attrs["order"] = order
                 else:
                     sub = grp.create_group(point)
+                    sub.attrs["order"] = order
                     for i, t in enumerate(tensors):
                         _write_tensor(sub, f"step_{i:05d}", t, st[i])
         os.replace(tmp, path)
@@ -113,10 +116,11 @@ def write_refs(path: str | Path, *, meta: dict[str, Any], case: dict[str, Any],
     return path
 
 
-def _write_tensor(grp: h5py.Group, name: str, t: torch.Tensor, step: int) -> None:
+def _write_tensor(grp: h5py.Group, name: str, t: torch.Tensor, step: int) -> h5py.Dataset:
     arr, dt = _to_numpy(t)
     ds = grp.create_dataset(name, data=arr)
     ds.attrs.update({"shape": list(t.shape), "dtype": dt, "torch_dtype": dt, "step": step, **_stats(t)})
+    return ds
 
 
 class RefFile:
@@ -177,6 +181,10 @@ class RefFile:
             near = [n for n in self.names() if n.startswith(module.rsplit(".", 1)[0])][:5]
             raise ReferenceError_(f"{self.path}: no reference tap {name!r} (nearby: {near})")
         return taps[module][point]
+
+    def order(self, name: str) -> int:
+        """Execution order of a tap's first record (files without it sort by name)."""
+        return int(self._node(name).attrs.get("order", 1 << 30))
 
     def has(self, name: str) -> bool:
         module, _, point = name.rpartition(":")

@@ -4,6 +4,8 @@
                                                                    suite, write reports/VALIDATION.md
     python -m reports render [--results reports/results.json]      results.json -> VALIDATION.md, summary.json, plot
     python -m reports gate [--update]                              CI gate against reports/baseline.json
+    python -m reports compare OURS.h5 REF.h5 [--tier stack] [--override GLOB=TIER …]
+                                                                   a port's activations vs a reference, tap by tap
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--results", default=str(HERE / "results.json"))
     g.add_argument("--baseline", default=str(HERE / "baseline.json"))
     g.add_argument("--update", action="store_true", help="rewrite the baseline from these results")
+    c = sub.add_parser("compare", help="compare a port's activations (our HDF5 schema) with a reference file")
+    c.add_argument("ours")
+    c.add_argument("ref")
+    c.add_argument("--tier", default="stack", help="default tier (exact, op, block, stack)")
+    c.add_argument("--override", action="append", default=[], help="GLOB=TIER for matching taps (repeatable)")
+    c.add_argument("--json", default=None, help="also write the results as JSON")
     a = p.parse_args(argv)
+    if a.cmd == "compare":
+        from .port_compare import main_compare
+
+        return main_compare(a.ours, a.ref, a.tier, a.override, a.json)
     if a.cmd == "run":
         cmd = [sys.executable, "-m", "pytest", "-q", "parity_tests", "-m", "not slow and not benchmark",
                "--preset", a.preset, "--results", a.results]

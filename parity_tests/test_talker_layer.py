@@ -123,3 +123,47 @@ def test_layer0_released_dims(row: Row, stack_runs, record, attn):
 def row_summary(results) -> str:
     w = worst(results)
     return f"{w.name} max_abs={w.max_abs:.3g}"
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.double().pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.name in ("RMS Norm", "RoPE", "Attention (output)", "MLP",
+                                                               "Full Layer 0")], ids=lambda r: r.name)
+def test_layer0_bf16_referee(row: Row, checkpoint_dir, reference, record):
+    """impl in bf16 on CPU vs upstream fp32, judged against upstream's own bf16 error (the referee tier)."""
+    from reports.compare import compare
+
+    variant = "custom_voice"
+    ref32 = reference("talker_stack", variant)
+    ref16 = reference("talker_stack", variant, dtype="bfloat16")
+    talker = build_talker(checkpoint_dir(variant), "cpu", torch.bfloat16)
+    got = run_stack(talker, ref32, "cpu", "eager")
+    results = []
+    for name in row.taps:
+        up_err = _rms(ref16.tap(name).double() - ref32.tap(name).double())
+        r = compare(name, got[name].float(), ref32.tap(name).float(), "referee", referee_ref_err=up_err)
+        record(r, row=f"{row.name} (bf16 vs fp32)", component="Talker layer 0, bf16", variant=variant)
+        results.append(r)
+    assert_row(row.name, results)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl_attn", ["eager", "sdpa"])
+def test_layer0_cuda_fp32(impl_attn, checkpoint_dir, reference, record):
+    """impl on CUDA in fp32 (TF32 off) vs upstream fp32 CPU references."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: CUDA rows are not measured here")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref = reference("talker_stack", "custom_voice")
+    got = run_stack(build_talker(checkpoint_dir("custom_voice"), "cuda"), ref, "cuda", impl_attn)
+    results = []
+    for row in ROWS:
+        if row.name == "Attention (probabilities)" and impl_attn != "eager":
+            continue
+        for r in compare_row(Row(row.name, row.taps, "stack"), got, ref):
+            record(r, row=f"{row.name} (CUDA fp32, {impl_attn})", component="Talker layer 0, CUDA", variant="custom_voice")
+            results.append(r)
+    assert_row("CUDA layer 0", results)

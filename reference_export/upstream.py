@@ -131,7 +131,11 @@ def load_upstream(ckpt: str | Path, device: str = "cpu", dtype: torch.dtype = to
 
     with no_init_weights():
         model = up.M.Qwen3TTSForConditionalGeneration(up.Qwen3TTSConfig(**upstream_config_dict(cfg)))
-        tok = up.T.Qwen3TTSTokenizerV2Model(up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg)))
+        tok_cfg = up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg))
+        # Mimi picks its attention class at construction: set_attn_implementation afterwards would leave the
+        # encoder on its default kernel while the reference claims ``attn``.
+        tok_cfg.encoder_config._attn_implementation = attn
+        tok = up.T.Qwen3TTSTokenizerV2Model(tok_cfg)
     _strict_load(model, ckpt / "model.safetensors")
     _strict_load(tok, ckpt / "speech_tokenizer" / "model.safetensors")
     # Upstream's SpeakerEncoderConfig skips its parent __init__, so set the implementation on sub-models.

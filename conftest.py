@@ -138,6 +138,19 @@ def checkpoint_dir(request, preset):
 _UPSTREAM: dict[tuple, object] = {}
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Drop cached artefacts built by other versions of the synth/capture code (they can never be reused)."""
+    import shutil
+
+    synth_h, cap_h = _src_hash(*SYNTH_SOURCES), _src_hash(*CAPTURE_SOURCES)
+    for d in (CACHE / "ckpt").glob("*-s*-*"):
+        if d.is_dir() and not d.name.endswith(synth_h):
+            shutil.rmtree(d, ignore_errors=True)
+    for f in (CACHE / "refs").glob("*.h5"):
+        if not f.stem.endswith(cap_h):
+            f.unlink(missing_ok=True)
+
+
 def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn: str = "eager",
                    dtype: str = "float32"):
     """Capture (once) or find the reference file of ``case_name`` on ``ckpt``; return an open ``RefFile``."""

@@ -100,6 +100,10 @@ RULES: list[Rule] = [
     Rule("*lm_head.*.weight", "predictor heads N(0, 8²/fan_in): logit std ≈ 8", _head),
     Rule("*embedding.weight", "embeddings N(0, 1)", lambda k, s, g, i: _normal(s, 1.0, g)),
     Rule("*codec_embedding.*.weight", "predictor codec embeddings N(0, 1)", lambda k, s, g, i: _normal(s, 1.0, g)),
+    Rule("*decoder.decoder.*.block.*.conv2.conv.weight",
+         "codec residual-unit output conv N(0, 1/fan_in) ×0.3: with 12 full-gain residual units the waveform path "
+         "grew to ~500 and magnified fp32 rounding ~1000×; a damped residual branch keeps it O(1)",
+         lambda k, s, g, i: 0.3 * _lin(k, s, g, i)),
     Rule("*.bias", "biases N(0, 0.02²)", lambda k, s, g, i: _normal(s, 0.02, g)),
     Rule("*norm*.weight", "norm weights U(0.7, 1.3)", lambda k, s, g, i: _uniform(s, 0.7, 1.3, g)),
     Rule("*.weight", "linear/conv weights N(0, 1/fan_in): variance preserving", _lin),

@@ -1,0 +1,260 @@
+"""Speech-tokenizer encoder (``impl/codec/encoder.py``) against upstream's Mimi encoder, plus its laws.
+
+Rows (reference cases ``codec_encoder`` (sdpa) and ``codec_encoder_eager``, 2 x 12.05 s, the second right-padded):
+
+- "Mimi SEANet": every SEANet layer fed upstream's recorded input (``op`` for a conv or an ELU, ``block`` for a
+  residual block), and the whole conv stack from the audio (``stack``);
+- "Mimi transformer": every transformer layer fed upstream's recorded input (``block``: layer norm, RoPE'd q/k,
+  attention, layer scale, MLP, output), and the whole stack from the audio (``stack``). 302 frames at 25 Hz, past
+  the 250-frame window that upstream ignores under eager and sdpa: our "full" window mode is checked against it.
+  A flash-attention row (window applied) needs CUDA and flash-attn; it skips with the reason otherwise;
+- "Mimi codes": the 16 code levels, equality, first differing (batch, codebook, frame), and the per-item trimmed
+  codes (frame, codebook); the quantizer inputs (downsampled latents, both ``input_proj`` outputs) at ``stack``.
+
+Property tests on ``impl`` alone: causality (appending audio never changes earlier codes or latents) and the
+length laws (frames = ceil(samples / 1920), per item from the padding mask).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from impl.codec.encoder import CodecEncoder
+from impl.config import SpeechTokenizerConfig
+from impl.loading import load_into, read_state_dict
+from impl.taps import recording, set_tap_paths
+from reports.compare import CompareResult, compare, compare_exact
+
+from .rows import assert_row
+
+ENC = "speech_tokenizer.encoder"
+CASE = {"sdpa": "codec_encoder", "eager": "codec_encoder_eager"}
+ATTNS = [pytest.param("sdpa", id="sdpa"), pytest.param("eager", id="eager")]
+
+
+def build_encoder(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  attn: str = "sdpa") -> CodecEncoder:
+    """impl's codec encoder from a checkpoint folder (keys ``encoder.*`` of speech_tokenizer/model.safetensors)."""
+    folder = ckpt / "speech_tokenizer"
+    cfg = SpeechTokenizerConfig.from_file(folder / "config.json")
+    enc = CodecEncoder(cfg.encoder_config, cfg.encoder_valid_num_quantizers, attn=attn)
+    load_into(enc, read_state_dict(folder, "encoder."), str(folder / "model.safetensors"), "encoder.")
+    set_tap_paths(enc, ENC)
+    return enc.to(device=device, dtype=dtype).eval()
+
+
+def run_end_to_end(enc: CodecEncoder, ref, attn: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """impl on the reference's audio: ({tap: tensor}, per-item trimmed codes)."""
+    dev = next(enc.parameters()).device
+    audio, mask = ref.input("audio").to(dev), ref.input("padding_mask").to(dev)
+    with recording(enc, ENC) as rec, torch.no_grad():
+        out = enc(audio, mask, attn=attn)
+    got = {k: v[0] for k, v in rec.records.items()}
+    items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
+    return got, items
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoint_dir, reference, device):
+    cache: dict = {}
+
+    def get(attn: str, case: str | None = None, preset: str | None = None):
+        key = (attn, case, preset)
+        if key not in cache:
+            ref = reference(case or CASE[attn], "base", preset)
+            enc = build_encoder(checkpoint_dir("base", preset), device, attn=attn)
+            cache[key] = (enc, ref, *run_end_to_end(enc, ref, attn))
+        return cache[key]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ row checks
+
+
+def seanet_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor]) -> list[CompareResult]:
+    """Each SEANet layer on upstream's recorded input, then the whole stack end to end."""
+    dev = next(enc.parameters()).device
+    out = []
+    x = ref.input("audio")[:, None]  # (B, 1, T): the first layer's input
+    with torch.no_grad():
+        for i, layer in enumerate(enc.encoder.layers):
+            name = f"{ENC}.encoder.layers.{i}:out"
+            y = layer(x.to(dev))
+            tier = "block" if type(layer).__name__ == "ResnetBlock" else "op"
+            r = ref.tap(name)
+            out.append(compare(name, y, r, tier))
+            x = r  # next layer starts from upstream's output, not ours
+    name = f"{ENC}.encoder:out"
+    out.append(compare(name + " (stack, from audio)", got[name], ref.tap(name), "stack"))
+    return out
+
+
+LAYER_POINTS = ("input_layernorm:out", "self_attn:q_rope", "self_attn:k_rope", "self_attn:out",
+                "self_attn_layer_scale:out", "post_attention_layernorm:out", "mlp:out", ":out")
+
+
+def transformer_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor], attn: str) -> list[CompareResult]:
+    """Each transformer layer on upstream's recorded input (all its internal taps), then the stack end to end."""
+    dev = next(enc.parameters()).device
+    tr = enc.encoder_transformer
+    x = ref.tap(f"{ENC}.encoder:out").transpose(1, 2).to(dev)  # (B, T25, C): layer 0's input
+    B, T, _ = x.shape
+    out = []
+    cos, sin = tr.rotary_emb(x, torch.arange(T, device=dev)[None])
+    mask = tr.attention_mask(T, x.dtype, x.device, attn, enc.resolved_window_mode(attn))
+    for i, layer in enumerate(tr.layers):
+        base = f"{ENC}.encoder_transformer.layers.{i}"
+        with recording(enc, ENC) as rec, torch.no_grad():
+            layer(x, cos, sin, mask, attn)
+        for p in LAYER_POINTS:
+            name = f"{base}{p}" if p.startswith(":") else f"{base}.{p}"
+            out.append(compare(name, rec.records[name][0], ref.tap(name), "block"))
+        x = ref.tap(f"{base}:out").to(dev)
+    last = f"{ENC}.encoder_transformer.layers.{len(tr.layers) - 1}:out"
+    out.append(compare(last + " (stack, from audio)", got[last], ref.tap(last), "stack"))
+    return out
+
+
+def codes_results(ref, got: dict[str, torch.Tensor], items: list[torch.Tensor]) -> list[CompareResult]:
+    out = [compare(n, got[n], ref.tap(n), "stack") for n in (
+        f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
+        f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")]
+    name = f"{ENC}.quantizer:codes"
+    out.append(compare_exact(name, got[name], ref.tap(name), axes=("batch", "codebook", "frame")))
+    for i, c in enumerate(items):
+        name = f"speech_tokenizer:codes_{i}"
+        out.append(compare_exact(name, c, ref.tap(name), axes=("frame", "codebook")))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ parity rows
+
+
+def test_seanet(runs, record):
+    enc, ref, got, _ = runs("sdpa")
+    results = seanet_results(enc, ref, got)
+    for r in results:
+        record(r, row="Mimi SEANet", component="Codec encoder", variant="base")
+    assert_row("Mimi SEANet", results)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_transformer(attn, runs, record):
+    enc, ref, got, _ = runs(attn)
+    T25 = ref.tap(f"{ENC}.encoder:out").shape[-1]
+    window = enc.cfg.sliding_window
+    assert T25 > window, f"reference has {T25} frames at 25 Hz; the row must cross the {window}-frame window"
+    results = transformer_results(enc, ref, got, attn)
+    for r in results:
+        record(r, row="Mimi transformer", component="Codec encoder", variant="base",
+               notes=f"{attn}: upstream full causal over {T25} frames (window {window} ignored by transformers 4.57.3)")
+    assert_row("Mimi transformer", results)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_codes(attn, runs, record):
+    enc, ref, got, items = runs(attn)
+    results = codes_results(ref, got, items)
+    for r in results:
+        record(r, row="Mimi codes", component="Codec encoder", variant="base", notes=attn)
+    assert_row("Mimi codes", results)
+
+
+@pytest.mark.cuda
+def test_transformer_flash_window(runs, checkpoint_dir, record):
+    """Upstream under flash_attention_2 applies the 250-frame window; our "sliding" mode must model it better
+    than "full" does. Needs CUDA and flash-attn (bf16 kernels; upstream casts fp32 activations for them)."""
+    if not torch.cuda.is_available():
+        pytest.skip("flash-attention row: CUDA is not available on this machine")
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attention row: the flash_attn package is not installed")
+    from reference_export.upstream import load_upstream
+
+    enc, ref, _, _ = runs("sdpa")
+    up = load_upstream(checkpoint_dir("base"), device="cuda", attn="flash_attention_2", codec_dtype=torch.bfloat16)
+    x = ref.tap(f"{ENC}.encoder:out").transpose(1, 2)
+    with torch.no_grad():
+        y_up = up.speech_tokenizer.encoder.encoder_transformer(x.cuda().bfloat16(), return_dict=True)[0].float().cpu()
+        mine = copy.deepcopy(enc).to("cuda")
+        ys = {m: mine.encoder_transformer(x.cuda(), "sdpa", m).cpu() for m in ("sliding", "full")}
+    r_slide = compare("encoder_transformer (sliding vs upstream flash bf16)", ys["sliding"], y_up, "stack")
+    r_full = compare("encoder_transformer (full vs upstream flash bf16)", ys["full"], y_up, "stack")
+    record(r_slide, row="Mimi transformer (flash_attention_2)", component="Codec encoder", variant="base",
+           notes=f"window applied; full-causal error for contrast {r_full.max_abs:.3g}")
+    assert r_slide.cosine > 0.999 and r_slide.max_abs < r_full.max_abs / 10, r_slide.message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ["Mimi transformer", "Mimi codes"])
+def test_released_dims(row, runs, record):
+    """Released Mimi dimensions (0.6b preset; the codec is the same in every release), random weights, sdpa;
+    case ``codec_encoder_lite`` (no per-layer SEANet taps, which would be ~1.5 GB)."""
+    enc, ref, got, items = runs("sdpa", "codec_encoder_lite", "0.6b")
+    if row == "Mimi transformer":
+        results = transformer_results(enc, ref, got, "sdpa")
+        name = f"{ENC}.encoder:out"
+        results.append(compare(name + " (SEANet stack, from audio)", got[name], ref.tap(name), "stack"))
+    else:
+        results = codes_results(ref, got, items)
+    for r in results:
+        record(r, row=row, component="Codec encoder (0.6b dims)", variant="base", preset_override="0.6b")
+    assert_row(row, results)
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint_dir, device):
+    return build_encoder(checkpoint_dir("base"), device)
+
+
+def _noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(1, n, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.integers(1, 24), partial=st.integers(0, 1919), extra=st.integers(1, 6000))
+def test_causality(encoder, frames, partial, extra):
+    """Appending audio never changes earlier codes or latents: frame i depends only on samples < (i+1)*1920."""
+    n = frames * 1920 + partial
+    dev = next(encoder.parameters()).device
+    x = _noise(n + extra, frames * 7919 + partial).to(dev)
+    with torch.no_grad():
+        short, long = encoder(x[:, :n]), encoder(x)
+    full = n // 1920  # frames whose receptive field ends inside the short clip
+    assert torch.equal(short.codes[..., :full], long.codes[..., :full])
+    torch.testing.assert_close(short.latents[..., :full], long.latents[..., :full], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.one_of(st.integers(1, 40000), st.sampled_from([1919, 1920, 1921, 3839, 3840, 3841])),
+       valid=st.floats(0.0, 1.0))
+def test_length_laws(encoder, n, valid):
+    """frames = ceil(samples / 1920); with a padding mask, item lengths = ceil(valid samples / 1920)."""
+    dev = next(encoder.parameters()).device
+    x = _noise(n, n).to(dev).expand(2, n).contiguous()
+    mask = torch.ones(2, n, dtype=torch.long, device=dev)
+    nv = int(valid * n)
+    mask[1, nv:] = 0
+    items = encoder.encode(x, mask)
+    assert items[0].shape == (math.ceil(n / 1920), encoder.valid_quantizers)
+    assert items[1].shape == (math.ceil(nv / 1920), encoder.valid_quantizers)
+
+
+def test_encode_api(encoder):
+    """The contract impl.codec's SpeechTokenizer relies on: encode((B, T), (B, T)) -> list of (F_i, 16) int64."""
+    x = _noise(5000, 1).expand(2, 5000).contiguous()
+    mask = torch.ones(2, 5000, dtype=torch.long)
+    mask[1, 3000:] = 0
+    out = encoder.encode(x, mask)
+    assert [tuple(c.shape) for c in out] == [(3, 16), (2, 16)] and out[0].dtype == torch.int64

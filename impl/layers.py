@@ -11,7 +11,6 @@ C hidden size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,8 +67,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # ``.to(bf16)`` would round the table (the angle of position 60 moves by up to ~0.2 rad) and ``to_empty``
+        # leaves it uninitialised; upstream's from_pretrained keeps it fp32. Recompute it in fp32 on the new device
+        # after any such move.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=self.inv_freq.device)
+        return self
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dev_type = x.device.type if x.device.type != "mps" else "cpu"
@@ -168,10 +175,14 @@ def causal_mask(
 ) -> torch.Tensor | None:
     """Additive mask (B or 1, 1, T, S): 0 where query may attend, ``finfo(dtype).min`` elsewhere.
 
-    Query t sits at absolute position ``kv_len - q_len + t``. ``key_padding`` (B, S) is 1 for real keys, 0 for
-    left padding. ``window`` keeps keys ``[pos - window + 1, pos]`` (72 in the codec decoder). Returns ``None``
-    when nothing is masked (one decode step, no padding, no window), so SDPA can take its fastest path.
+    Query t sits at absolute position ``kv_len - q_len + t``. ``key_padding`` (B, >=S) is 1 for real keys, 0 for
+    left padding, or None when the batch has none. ``window`` keeps keys ``[pos - window + 1, pos]`` (72 in the
+    codec decoder). Returns ``None`` when nothing is masked (one query, no padding, the window covering every key),
+    decided from host-side facts only, so a decode step never waits on the device; SDPA then takes its fastest
+    path.
     """
+    if q_len == 1 and key_padding is None and (window is None or kv_len <= window):
+        return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, S)
     allowed = k_pos <= q_pos  # (T, S)
@@ -180,10 +191,10 @@ def causal_mask(
     allowed = allowed[None, None]  # (1, 1, T, S)
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :kv_len].bool()  # (B, 1, T, S)
-    if bool(allowed.all()):
-        return None
-    # finfo.min rather than -inf, as upstream: a fully masked (left-pad) row then softmaxes to uniform, not NaN.
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    # finfo.min rather than -inf, as upstream: a fully masked (left-pad) row then softmaxes to uniform, not NaN;
+    # those rows are never read.
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -322,5 +333,5 @@ def check_attn_impl(impl: str) -> str:
 
 __all__ = [
     "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rope", "merge_mrope", "mrope_applier", "KVCache",
-    "causal_mask", "repeat_kv", "Attention", "SwiGLU", "LayerScale", "DecoderLayer", "check_attn_impl", "math",
+    "causal_mask", "repeat_kv", "Attention", "SwiGLU", "LayerScale", "DecoderLayer", "check_attn_impl",
 ]

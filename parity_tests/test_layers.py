@@ -7,8 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from impl.layers import (Attention, KVCache, RMSNorm, RotaryEmbedding, apply_rope, causal_mask, merge_mrope,
-                         mrope_applier)
+from impl.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    causal_mask,
+    merge_mrope,
+    mrope_applier,
+)
 
 
 def test_interleaved_mrope_with_equal_rows_is_plain_rope():

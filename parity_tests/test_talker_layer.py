@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from impl.config import Qwen3TTSConfig
+from impl.layers import causal_mask
 from impl.loading import load_into, read_state_dict
-from impl.talker import Talker, attention_bias
+from impl.talker import Talker
 from impl.taps import recording
 
 from .rows import Row, assert_row, compare_row, worst
@@ -62,7 +63,7 @@ def run_stack(talker: Talker, ref, device: str, attn: str) -> dict[str, torch.Te
         pos = torch.arange(T, device=device).expand(3, B, T)  # upstream's default: cache_position, 3 equal rows
     dtype = next(talker.parameters()).dtype
     with recording(talker, prefix="talker", inputs=True) as rec, torch.no_grad():
-        mask = attention_bias(T, T, dtype, torch.device(device), None)
+        mask = causal_mask(T, T, dtype, torch.device(device), None)
         talker.model(talker.embed_text(ids), pos, mask, impl=attn)
     return {k: v[0] for k, v in rec.records.items()}
 

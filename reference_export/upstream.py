@@ -141,6 +141,17 @@ def load_upstream(ckpt: str | Path, device: str = "cpu", dtype: torch.dtype = to
     # Upstream's SpeakerEncoderConfig skips its parent __init__, so set the implementation on sub-models.
     model.talker.set_attn_implementation(attn)
     tok.set_attn_implementation(attn)
-    model = model.to(device=device, dtype=dtype).eval()
-    tok = tok.to(device=device, dtype=codec_dtype).eval()
+    model = _to_keep_rope_fp32(model, device, dtype).eval()
+    tok = _to_keep_rope_fp32(tok, device, codec_dtype).eval()
     return Upstream(model, tok, cfg, st_cfg, attn)
+
+
+def _to_keep_rope_fp32(module: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(device, dtype)`` with RoPE ``inv_freq`` tables kept fp32, as upstream's own
+    ``from_pretrained(dtype=...)`` leaves them (a plain ``.to(bf16)`` would round them)."""
+    tables = {n: b.detach().clone() for n, b in module.named_buffers() if n.endswith("inv_freq")}
+    module = module.to(device=device, dtype=dtype)
+    for name, t in tables.items():
+        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        setattr(owner, name.rsplit(".", 1)[-1], t.to(device))
+    return module

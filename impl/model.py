@@ -1,0 +1,328 @@
+"""The public API: ``Qwen3TTS.from_pretrained(path)`` -> ``generate_codes`` / ``synthesize`` / ``stream``.
+
+Mirrors upstream's inference wrapper (``qwen_tts.inference.qwen3_tts_model.Qwen3TTSModel``: ``generate_custom_voice``,
+``generate_voice_design``, ``generate_voice_clone``) on top of :mod:`impl.prompt`, :mod:`impl.generate` and the codec:
+the same chat templates, per-mode defaults (text fed non-streaming for CustomVoice/VoiceDesign, streaming for voice
+clone), sampling defaults (argument > ``generation_config.json`` > upstream's hard defaults), and the ICL decode
+(reference frames decoded in front of the new ones, then cut).
+
+Deliberate differences: a dropped ``instruct`` (0.6B CustomVoice, voice clone) warns instead of vanishing;
+``max_new_frames`` counts frames (upstream's ``max_new_tokens`` = frames + 1); budget exhaustion is reported per
+item; Base modes accept a precomputed ``xvector=`` and ``ref_codes=``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Qwen3TTSConfig
+from .generate import GenerationResult, GenerationSettings, TalkerLoop, generate
+from .layers import check_attn_impl
+from .loading import CheckpointError, load_into, read_state_dict
+from .prompt import (
+    PromptError,
+    PromptRequest,
+    assistant_text,
+    build,
+    instruct_honoured,
+    instruct_text,
+    ref_text,
+    supported_languages,
+    warn_dropped_instruct,
+)
+from .sampling import SamplingConfig, make_generator
+from .talker import Talker
+
+MODES = ("custom_voice", "voice_design", "voice_clone")
+SAMPLE_RATE = 24000
+# Upstream's ``_merge_generate_kwargs`` hard defaults (used when generation_config.json lacks a key).
+HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repetition_penalty=1.05,
+                     subtalker_dosample=True, subtalker_top_k=50, subtalker_top_p=1.0, subtalker_temperature=0.9,
+                     max_new_tokens=2048)
+# Default ``non_streaming_mode`` of each upstream wrapper.
+NON_STREAMING_DEFAULT = {"custom_voice": True, "voice_design": True, "voice_clone": False}
+
+
+def _as_list(x: Any, n: int, name: str) -> list:
+    if isinstance(x, (list, tuple)):
+        if len(x) == 1 and n > 1:
+            return list(x) * n
+        if len(x) != n:
+            raise ValueError(f"batch size mismatch: {n} texts but {len(x)} {name}")
+        return list(x)
+    return [x] * n
+
+
+def _check_top_level_keys(folder: Path) -> None:
+    """Every weight key belongs to a part impl loads (``talker.*``, ``speaker_encoder.*``): none dropped silently."""
+    from safetensors import safe_open
+
+    from .loading import weight_files
+
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as sf:
+            stray = [k for k in sf.keys() if not k.startswith(("talker.", "speaker_encoder."))]
+        if stray:
+            raise CheckpointError(f"{f}: unexpected key(s) {stray[:5]} (neither talker.* nor speaker_encoder.*)")
+
+
+class Qwen3TTS:
+    """A loaded checkpoint: talker (+ code predictor), text tokenizer; codec and speaker encoder on first use."""
+
+    def __init__(self, folder: Path, config: Qwen3TTSConfig, talker: Talker, tokenizer, generation_config: dict,
+                 device: torch.device, dtype: torch.dtype, attn: str):
+        self.folder, self.config, self.talker, self.tokenizer = folder, config, talker, tokenizer
+        self.generation_config = generation_config
+        self.device, self.dtype, self.attn = device, dtype, attn
+        self._codec = None
+        self._speaker_encoder = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        attn: str = "sdpa") -> Qwen3TTS:
+        from .text_tokenizer import TextTokenizer
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a checkpoint folder (impl never downloads)")
+        cfg = Qwen3TTSConfig.from_file(folder / "config.json")
+        device = torch.device(device)
+        _check_top_level_keys(folder)
+        with torch.device("meta"):  # no random init of weights the checkpoint replaces (seconds at 1.7B)
+            talker = Talker(cfg.talker_config)
+        talker = talker.to_empty(device=device).to(dtype)
+        state = read_state_dict(folder, prefix="talker.", dtype=dtype, device=device)
+        load_into(talker, state, str(folder / "model.safetensors"), prefix="talker.")
+        talker.eval()
+        gen_path = folder / "generation_config.json"
+        gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        return cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype, check_attn_impl(attn))
+
+    # -- lazily loaded parts ---------------------------------------------------------------------------------
+
+    @property
+    def codec(self):
+        """The speech tokenizer (``impl.codec``), loaded on first use, fp32 (upstream's codec config says
+        float32; bf16 decoding is slow and lossy on CPU)."""
+        if self._codec is None:
+            from .codec import SpeechTokenizer
+
+            self._codec = SpeechTokenizer.from_dir(self.folder, device=self.device, attn=self.attn)
+        return self._codec
+
+    @property
+    def speaker_encoder(self):
+        """The ECAPA-TDNN speaker encoder (Base checkpoints), loaded on first use from ``speaker_encoder.*``."""
+        if self._speaker_encoder is None:
+            from .speaker_encoder import SpeakerEncoder
+
+            se_cfg = self.config.speaker_encoder_config
+            if se_cfg is None:
+                raise PromptError(f"a {self.config.tts_model_type!r} checkpoint has no speaker encoder")
+            enc = SpeakerEncoder(se_cfg)
+            state = read_state_dict(self.folder, prefix="speaker_encoder.", dtype=self.dtype)
+            load_into(enc, state, str(self.folder / "model.safetensors"), prefix="speaker_encoder.")
+            self._speaker_encoder = enc.to(device=self.device, dtype=self.dtype).eval()
+        return self._speaker_encoder
+
+    @property
+    def mode(self) -> str:
+        """The mode this checkpoint serves (``base`` checkpoints serve ``voice_clone``)."""
+        v = self.config.tts_model_type
+        return "voice_clone" if v == "base" else v
+
+    @property
+    def languages(self) -> list[str]:
+        return supported_languages(self.config)
+
+    @property
+    def speakers(self) -> list[str]:
+        return sorted(self.config.talker_config.spk_id)
+
+    # -- settings --------------------------------------------------------------------------------------------
+
+    def settings(self, greedy: bool = False, max_new_frames: int | None = None, **sampling) -> GenerationSettings:
+        """Sampling settings with upstream's precedence: argument > generation_config.json > hard default."""
+        unknown = set(sampling) - set(HARD_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}; known: {sorted(HARD_DEFAULTS)}")
+
+        def pick(name: str):
+            if sampling.get(name) is not None:
+                return sampling[name]
+            return self.generation_config.get(name, HARD_DEFAULTS[name])
+
+        n_tok = pick("max_new_tokens") if max_new_frames is None else int(max_new_frames) + 1
+        talker = SamplingConfig(do_sample=False if greedy else bool(pick("do_sample")),
+                                temperature=float(pick("temperature")), top_k=pick("top_k"),
+                                top_p=float(pick("top_p")), repetition_penalty=float(pick("repetition_penalty")),
+                                min_new_tokens=2)
+        pred = SamplingConfig(do_sample=False if greedy else bool(pick("subtalker_dosample")),
+                              temperature=float(pick("subtalker_temperature")), top_k=pick("subtalker_top_k"),
+                              top_p=float(pick("subtalker_top_p")))
+        return GenerationSettings(talker, pred, int(n_tok))
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def requests(self, text: str | list[str], mode: str | None = None, speaker=None, language="auto", instruct=None,
+                 ref_audio=None, ref_text=None, x_vector_only=False, non_streaming_text: bool | None = None,
+                 xvector=None, ref_codes=None) -> list[PromptRequest]:
+        """One :class:`PromptRequest` per text (scalars broadcast over the batch, as upstream's wrappers do)."""
+        mode = mode or self.mode
+        if mode == "base":
+            mode = "voice_clone"
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if (mode == "voice_clone") != (self.config.tts_model_type == "base") or (
+                mode != "voice_clone" and mode != self.config.tts_model_type):
+            raise ValueError(f"a {self.config.tts_model_type!r} checkpoint does not serve mode {mode!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        n = len(texts)
+        langs = _as_list(language if language is not None else "auto", n, "languages")
+        for lang in langs:
+            if str(lang).lower() not in self.languages:
+                raise PromptError(f"unsupported language {lang!r}; supported: {self.languages}")
+        nsm = NON_STREAMING_DEFAULT[mode] if non_streaming_text is None else bool(non_streaming_text)
+        reqs = [PromptRequest(self._ids(assistant_text(t)), language=lang, non_streaming=nsm)
+                for t, lang in zip(texts, langs)]
+        instructs = _as_list(instruct, n, "instructs")
+        if any(instructs):
+            if instruct_honoured(self.config, mode):
+                for r, ins in zip(reqs, instructs):
+                    r.instruct_ids = self._ids(instruct_text(ins)) if ins else None
+            else:
+                warn_dropped_instruct(self.config, mode)
+        if mode == "custom_voice":
+            for r, spk in zip(reqs, _as_list(speaker, n, "speakers")):
+                r.speaker = spk or None
+        elif mode == "voice_clone":
+            self._voice_clone_requests(reqs, ref_audio, ref_text, x_vector_only, xvector, ref_codes)
+        return reqs
+
+    def _voice_clone_requests(self, reqs, ref_audio, ref_text_, x_vector_only, xvector, ref_codes) -> None:
+        n = len(reqs)
+        xvo = _as_list(x_vector_only, n, "x_vector_only flags")
+        rtexts = _as_list(ref_text_, n, "ref_texts")
+        if xvector is None:
+            if ref_audio is None:
+                raise PromptError("voice clone needs ref_audio (or a precomputed xvector=)")
+            xvector = [self.xvector(a) for a in _as_list(ref_audio, n, "ref_audio")]
+        xvecs = _as_list(xvector if isinstance(xvector, (list, tuple)) else [xvector], n, "xvectors")
+        if any(not f for f in xvo):  # ICL rows need reference codes
+            if ref_codes is None:
+                if ref_audio is None:
+                    raise PromptError("ICL voice clone needs ref_audio (or precomputed ref_codes=)")
+                ref_codes = [self.encode_reference(a) for a in _as_list(ref_audio, n, "ref_audio")]
+            rcodes = _as_list(ref_codes if isinstance(ref_codes, (list, tuple)) else [ref_codes], n, "ref_codes")
+        for i, r in enumerate(reqs):
+            r.xvector = torch.as_tensor(xvecs[i])
+            if not xvo[i]:
+                if not rtexts[i]:
+                    raise PromptError(f"ref_text is required for ICL voice clone (item {i}); or x_vector_only=True")
+                r.ref_ids = self._ids(ref_text(rtexts[i]))
+                r.ref_codes = torch.as_tensor(rcodes[i]).long()
+
+    # -- audio helpers (codec / speaker encoder / audio written by others; imported lazily) ------------------
+
+    @staticmethod
+    def _load_audio(audio) -> np.ndarray:
+        """A path or a ``(wav, sr)`` pair -> mono float32 at 24 kHz (soxr HQ, as upstream's librosa default)."""
+        from .audio import load_reference_audio
+
+        return load_reference_audio(audio)
+
+    def xvector(self, audio) -> torch.Tensor:
+        """Speaker embedding (C,) of reference audio (path or (wav, sr)), resampled to 24 kHz first."""
+        from .speaker_encoder import extract_xvector
+
+        return extract_xvector(self.speaker_encoder, self._load_audio(audio), SAMPLE_RATE)
+
+    def encode_reference(self, audio) -> torch.Tensor:
+        """Reference codes (F, 16) of audio (path or (wav, sr)), via the codec encoder at 24 kHz."""
+        wav = torch.from_numpy(self._load_audio(audio))[None]  # (1, T)
+        p = next(self.codec.parameters())
+        with torch.inference_mode():
+            codes = self.codec.encode(wav.to(p.device, p.dtype), torch.ones(wav.shape, dtype=torch.long,
+                                                                             device=p.device))
+        return codes[0].long()
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_codes(self, text: str | list[str], mode: str | None = None, speaker=None, language="auto",
+                       instruct=None, ref_audio=None, ref_text=None, x_vector_only=False,
+                       non_streaming_text: bool | None = None, greedy: bool = False, seed: int | None = None,
+                       max_new_frames: int | None = None, xvector=None, ref_codes=None,
+                       **sampling) -> GenerationResult:
+        """Codes (F_i, 16) per text, with talker hidden states, stop reasons and per-decision margins."""
+        reqs = self.requests(text, mode, speaker, language, instruct, ref_audio, ref_text, x_vector_only,
+                             non_streaming_text, xvector, ref_codes)
+        settings = self.settings(greedy, max_new_frames, **sampling)
+        prompt = build(self.talker, self.config, reqs)
+        res = generate(self.talker, prompt, settings, make_generator(seed, self.device), self.attn)
+        res.ref_codes = [r.ref_codes for r in reqs]
+        return res
+
+    def decode(self, result: GenerationResult) -> list[np.ndarray]:
+        """Waveforms (float32, 24 kHz) of a result; ICL rows decode reference + new frames, then cut the reference
+        part as upstream does (``int(ref_len / total_len * len(wav))`` samples)."""
+        seqs = []
+        for i, c in enumerate(result.codes):
+            ref = result.ref_codes[i] if result.ref_codes else None
+            seqs.append(torch.cat([ref.to(c.device), c]) if ref is not None else c)
+        wavs = self.codec.decode([s.cpu() for s in seqs])
+        out = []
+        for i, w in enumerate(wavs):
+            w = np.asarray(w, dtype=np.float32)
+            ref = result.ref_codes[i] if result.ref_codes else None
+            if ref is not None:
+                w = w[int(ref.shape[0] / max(seqs[i].shape[0], 1) * w.shape[0]):]
+            out.append(w)
+        return out
+
+    def synthesize(self, text: str | list[str], **kwargs) -> tuple[np.ndarray | list[np.ndarray], int]:
+        """(wav float32 mono, 24000); a list of wavs for a list of texts. Same arguments as generate_codes."""
+        res = self.generate_codes(text, **kwargs)
+        wavs = self.decode(res)
+        return (wavs[0] if isinstance(text, str) else wavs), SAMPLE_RATE
+
+    @torch.inference_mode()
+    def stream(self, text: str, chunk_frames: int = 4, **kwargs) -> Iterator[np.ndarray]:
+        """Audio chunks (float32, 24 kHz, ``chunk_frames`` x 1920 samples, the last one shorter) as frames are
+        generated, for one text; same arguments as :meth:`generate_codes`.
+
+        The codec decoder carries its state across pushes (``impl.codec.streaming.DecoderStream``), so the chunks
+        join to the one-shot decode of all frames (upstream's ``decode`` recomputes 300-frame chunks with 25
+        frames of left context, which differs slightly after frame 300). ICL: the reference frames are pushed
+        first and their audio dropped, as upstream cuts ``ref_len * 1920`` samples."""
+        from .codec.streaming import DecoderStream
+
+        if not isinstance(text, str):
+            raise ValueError("stream() takes one text")
+        greedy, seed = kwargs.pop("greedy", False), kwargs.pop("seed", None)
+        max_new_frames = kwargs.pop("max_new_frames", None)
+        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in HARD_DEFAULTS}
+        reqs = self.requests(text, **kwargs)
+        settings = self.settings(greedy, max_new_frames, **sampling)
+        prompt = build(self.talker, self.config, reqs)
+        loop = TalkerLoop(self.talker, prompt, settings, make_generator(seed, self.device), self.attn)
+        dec = DecoderStream(self.codec.decoder)
+        if reqs[0].ref_codes is not None:
+            dec.push(reqs[0].ref_codes.to(self.codec.device))  # context only
+        start = end = 0
+        for k in loop:
+            end = k + 1
+            if end - start >= chunk_frames:
+                yield dec.push(loop.frames[0, start:end].to(self.codec.device))[0].float().cpu().numpy()
+                start = end
+        if end > start:
+            yield dec.push(loop.frames[0, start:end].to(self.codec.device))[0].float().cpu().numpy()

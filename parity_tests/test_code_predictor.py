@@ -1,0 +1,103 @@
+"""The code predictor (``impl/code_predictor.py``) against upstream, teacher-forced, and its own generation path.
+
+Rows:
+- ``Code predictor (teacher-forced)``: ``lm_cp_teacher`` (upstream ``forward_sub_talker_finetune`` on random
+  hidden states and codes): the MTP projection (a Linear on tiny ``base``, the 1.7B form; Identity on
+  ``custom_voice``, the 0.6B form), every layer's attention/MLP/output and q/k after RoPE, the final norm, the 15
+  heads and the stacked logits.
+- ``Code predictor (generation vs teacher-forced)``: impl's cached 15-step generation of a frame gives the same
+  logits as one teacher-forced pass over the codes it chose (KV cache and per-frame position restart).
+- ``bf16 referee`` (code predictor): impl in bf16 vs upstream fp32, judged against upstream's own bf16 error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from impl.sampling import PredictorChooser, SamplingConfig
+from impl.taps import recording
+from reports.compare import compare
+
+from .test_generate import load_model, one_thread  # noqa: F401  (fixture)
+
+VARIANTS = [pytest.param("base", id="base-linear-mtp"), pytest.param("custom_voice", id="custom_voice-identity-mtp")]
+
+
+def teacher_run(tts, ref, dtype=torch.float32):
+    """impl's teacher-forced predictor on the case inputs -> {tap: tensor}."""
+    t = tts.talker
+    dev = tts.device
+    hidden = ref.input("hidden").to(dev, dtype)
+    codes = ref.input("codes").to(dev)
+    with torch.inference_mode(), recording(t, prefix="talker") as rec:
+        c0 = t.embed_codec(codes[:, :1])
+        t.code_predictor.forward_teacher(hidden, codes, c0, impl=tts.attn)
+    return {k: v[0] for k, v in rec.records.items()}
+
+
+def teacher_taps(ref) -> list[str]:
+    return [n for n in ref.meta["expected_taps"]]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_teacher_forced(variant, checkpoint_dir, reference, device, attn, record):
+    ref = reference("lm_cp_teacher", variant)
+    tts = load_model(checkpoint_dir(variant), device, torch.float32, attn)
+    got = teacher_run(tts, ref)
+    results = []
+    for name in teacher_taps(ref):
+        if name.endswith(":attn_probs") and attn != "eager":
+            continue
+        if name not in got:
+            pytest.fail(f"{name}: not recorded by impl (a missing tap is a failure)")
+        tier = "stack" if ("lm_head" in name or "teacher_logits" in name) else "block"
+        r = compare(name, got[name].float(), ref.tap(name).float(), tier)
+        record(r, row="Code predictor (teacher-forced)", component="Code predictor", variant=variant)
+        results.append(r)
+    assert len(results) >= 10
+    assert all(results), " | ".join(r.message for r in results if not r)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generation_matches_teacher_forcing(variant, checkpoint_dir, device, attn, record):
+    """Greedy frame generation with the small KV cache == one teacher-forced pass over the chosen codes;
+    running a second frame gives identical results (positions restart, the cache is reset)."""
+    tts = load_model(checkpoint_dir(variant), device, torch.float32, attn)
+    cp = tts.talker.code_predictor
+    C = tts.talker.cfg.hidden_size
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    hidden = torch.randn(B, 1, C, generator=g).to(device)
+    c0 = torch.randint(0, 2048, (B, 1), generator=g).to(device)
+    cache = cp.allocate_cache(B, device, torch.float32)
+    with torch.inference_mode(), recording(cp, prefix="talker.code_predictor") as rec:
+        chooser = PredictorChooser(SamplingConfig(do_sample=False), None)
+        f1 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser, tts.attn)
+        f2 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser, tts.attn)
+        codes = torch.cat([c0, f1.codes], 1)
+        teacher = cp.forward_teacher(hidden[:, 0], codes, tts.talker.embed_codec(c0), tts.attn)
+    gen_logits = torch.stack([rec.records[f"talker.code_predictor.lm_head.{j}:out"][0] for j in range(15)], 1)
+    assert torch.equal(f1.codes, f2.codes) and torch.equal(teacher.argmax(-1), f1.codes)
+    r = compare("talker.code_predictor:logits (cached generation vs teacher-forced)", gen_logits, teacher, "stack")
+    record(r, row="Code predictor (generation vs teacher-forced)", component="Code predictor", variant=variant)
+    assert r, r.message
+
+
+def test_bf16_referee(checkpoint_dir, reference, device, attn, record):
+    """impl bf16 vs upstream fp32, bar = 3 x upstream bf16 vs upstream fp32 (+1e-6), on the stacked logits, the
+    final norm and the projection."""
+    variant = "base"
+    ref32 = reference("lm_cp_teacher", variant)
+    ref16 = reference("lm_cp_teacher", variant, dtype="bfloat16")
+    tts = load_model(checkpoint_dir(variant), device, torch.bfloat16, attn)
+    got = teacher_run(tts, ref32, torch.bfloat16)
+    results = []
+    for name in ("talker.code_predictor.small_to_mtp_projection:out", "talker.code_predictor.model.norm:out",
+                 "talker.code_predictor:teacher_logits"):
+        up32, up16 = ref32.tap(name).float(), ref16.tap(name).float()
+        up_err = float((up16 - up32).pow(2).mean().sqrt())
+        r = compare(name, got[name].float(), up32, "referee", referee_ref_err=up_err)
+        record(r, row="bf16 referee", component="Code predictor", variant=variant)
+        results.append(r)
+    assert all(results), " | ".join(r.message for r in results if not r)

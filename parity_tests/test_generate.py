@@ -1,0 +1,320 @@
+"""Generation against upstream (``impl/generate.py``, with ``impl/talker.py``, ``impl/code_predictor.py``,
+``impl/prompt.py``, ``impl/sampling.py`` underneath): the ``lm_gen_*`` and ``lm_sample_*`` cases of
+``reference_export/cases/lm.py``.
+
+impl is fed the reference's stored ids (and, for Base, upstream's recorded x-vectors and ICL reference codes)
+and runs its own prompt building and loop. Rows:
+
+- ``Greedy codes <mode>/<variant> (<text>)``: codes exact per item; a mismatch names the first differing frame and
+  codebook and our top1-top2 margin there (a tie or a real divergence).
+- ``Talker layers (generation)``: every layer output on every talker call (prefill on real positions of the
+  left-padded batch, then each decode step), ``Talker final norm``, ``Codec logits`` (last position per call),
+  ``Code predictor (generation)`` (the 15 heads' logits per frame), ``Talker hidden states (result)``.
+- ``Sampled codes (seeded)``: upstream after ``torch.manual_seed(s)`` and impl with ``seed=s`` draw the same
+  random stream, so sampled codes must match exactly as well (plus functional checks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from impl.generate import GenerationSettings, generate
+from impl.model import Qwen3TTS
+from impl.prompt import PromptRequest, build
+from impl.sampling import make_generator
+from impl.taps import recording
+from reference_export.cases.lm import MODES, gen_case_name
+from reports.compare import CompareResult, compare, compare_exact
+
+GEN_CASES = [pytest.param(m, nsm, id=f"{m}-{'nonstream' if nsm else 'stream'}") for m in MODES for nsm in (False, True)]
+TEXT_NAME = {False: "streaming text", True: "non-streaming text"}
+MODE_NAME = {"custom_voice": "custom_voice", "voice_design": "voice_design", "xvec": "voice_clone x-vector",
+             "icl": "voice_clone ICL"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(request):
+    """Tiny models are dominated by per-op overhead; a second intra-op thread makes them 4x slower here."""
+    if request.config.getoption("--preset") != "tiny":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_MODELS: dict[tuple, Qwen3TTS] = {}
+
+
+def load_model(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "eager") -> Qwen3TTS:
+    key = (str(ckpt), device, dtype, attn)
+    if key not in _MODELS:
+        if len(_MODELS) > 4:
+            _MODELS.clear()
+        _MODELS[key] = Qwen3TTS.from_pretrained(ckpt, device=device, dtype=dtype, attn=attn)
+    return _MODELS[key]
+
+
+def requests_from_ref(ref) -> list[PromptRequest]:
+    """The case's batch as impl requests: stored ids, settings, and upstream's recorded x-vectors / ref codes."""
+    s = ref.case
+    names = set(ref.inputs())
+    n = len(s["texts"])
+    reqs = []
+    for i in range(n):
+        r = PromptRequest(ref.input(f"text_ids_{i}").tolist(), language=s["languages"][i],
+                          non_streaming=bool(s["non_streaming"]))
+        if f"instruct_ids_{i}" in names:
+            r.instruct_ids = ref.input(f"instruct_ids_{i}").tolist()
+        if s.get("speakers"):
+            r.speaker = s["speakers"][i]
+        if ref.has("generate:xvector"):
+            r.xvector = ref.tap_steps("generate:xvector")[i]
+            if s.get("icl"):
+                r.ref_ids = ref.input(f"ref_ids_{i}").tolist()
+                r.ref_codes = ref.tap_steps("generate:ref_codes")[i].long()
+        reqs.append(r)
+    return reqs
+
+
+def settings_from_ref(tts: Qwen3TTS, ref) -> tuple[GenerationSettings, int | None]:
+    s = ref.case
+    if s.get("greedy"):
+        return GenerationSettings.greedy(int(s["max_new_tokens"])), None
+    return tts.settings(max_new_frames=int(s["max_new_tokens"]) - 1, **s["sampling"]), int(s["seed"])
+
+
+def run_impl(tts: Qwen3TTS, ref, record_taps: bool = True):
+    """impl's generation on a case: (GenerationResult, {tap: [tensor per call]})."""
+    reqs = requests_from_ref(ref)
+    settings, seed = settings_from_ref(tts, ref)
+    with torch.inference_mode(), recording(tts.talker if record_taps else None, prefix="talker") as rec:
+        prompt = build(tts.talker, tts.config, reqs)
+        res = generate(tts.talker, prompt, settings, make_generator(seed, tts.device), tts.attn)
+    return res, rec.records
+
+
+_RUNS: dict[tuple, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def gen_run(checkpoint_dir, reference, device, dtype, attn):
+    """``gen_run(case_name) -> (ref, result, records)``, one impl run per case and module."""
+
+    def get(case_name: str, variant: str, preset: str | None = None):
+        key = (case_name, variant, preset, device, dtype, attn)
+        if key not in _RUNS:
+            if preset is not None:
+                _RUNS.clear()  # released sizes: one run in memory at a time
+                _MODELS.clear()
+            ref = reference(case_name, variant, preset)
+            tts = load_model(checkpoint_dir(variant, preset), device, dtype, attn)
+            res, recs = run_impl(tts, ref)
+            _RUNS[key] = (ref, res, recs)
+        return _RUNS[key]
+
+    return get
+
+
+def compare_codes(name: str, ours: torch.Tensor, ref: torch.Tensor, margins: torch.Tensor) -> CompareResult:
+    """Exact codes (frames, 16); on mismatch the first differing (frame, codebook) and our margin there."""
+    n = min(ours.shape[0], ref.shape[0])
+    if n and not torch.equal(ours[:n].cpu(), ref[:n].cpu()):
+        r = compare_exact(name, ours[:n], ref[:n], axes=("frame", "codebook"))
+        f, c = r.first_diff
+        r.extra["margin_at_first_diff"] = float(margins[f, c])
+        r.message += f"; our top1-top2 margin there {float(margins[f, c]):.3g} (a tie if ~0)"
+    else:
+        r = compare_exact(name, ours, ref, axes=("frame", "codebook"))
+        if ours.shape[0] != ref.shape[0]:
+            r.message += f" (frames: ours {ours.shape[0]}, upstream {ref.shape[0]}; equal up to frame {n})"
+    r.extra.update(frames=int(ref.shape[0]), frames_ours=int(ours.shape[0]),
+                   min_margin=float(margins.min()) if margins.numel() else math.inf)
+    return r
+
+
+def first_divergence(res, ref) -> int:
+    """Number of talker calls whose inputs agree on both sides (all, if every row's codes match)."""
+    ups = ref.tap_steps("generate:codes")
+    n_calls = res.n_tokens
+    for ours, up in zip(res.codes, ups):
+        n = min(ours.shape[0], up.shape[0])
+        neq = (ours[:n].cpu() != up[:n]).any(1).nonzero()
+        if len(neq):
+            n_calls = min(n_calls, int(neq[0]) + 1)  # call k consumes frame k-1
+    return n_calls
+
+
+def _exact_only_fp32(dtype):
+    if dtype != torch.float32:
+        pytest.skip("exact tokens and block-tier steps are fp32 claims; bf16 is judged by the referee rows")
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("mode,nsm", GEN_CASES)
+def test_greedy_codes(mode, nsm, gen_run, record, dtype):
+    _exact_only_fp32(dtype)
+    variant = MODES[mode][0]
+    ref, res, _ = gen_run(gen_case_name(mode, nsm), variant)
+    row = f"Greedy codes {MODE_NAME[mode]}/{variant} ({TEXT_NAME[nsm]})"
+    ups = ref.tap_steps("generate:codes")
+    assert len(ups) == len(res.codes) == 3
+    results = []
+    for i, (ours, up) in enumerate(zip(res.codes, ups)):
+        r = compare_codes(f"generate:codes[{i}]", ours, up.long(), res.margins[i])
+        r.extra["stop_reason"] = res.stop_reason[i]
+        record(r, row=row, component="Generation", variant=variant,
+               notes=f"item {i}: {ours.shape[0]} frames, stop={res.stop_reason[i]}")
+        results.append(r)
+        # Budget exhaustion is reported, never silent: a row that stops short of the budget stopped by EOS.
+        budget = int(ref.case["max_new_tokens"]) - 1
+        if up.shape[0] < budget:
+            assert res.stop_reason[i] == "eos", f"item {i}: upstream stopped at {up.shape[0]} < {budget} frames"
+    assert all(results), " | ".join(r.message for r in results if not r)
+    assert max(int(c.shape[0]) for c in ups) >= 40, "case too weak: no item reached 40 frames"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,nsm", [pytest.param("icl", False, id="icl-stream"),
+                                      pytest.param("xvec", True, id="xvec-nonstream")])
+def test_greedy_codes_released_dims(mode, nsm, gen_run, record, dtype):
+    """0.6b dimensions (random weights): head_dim 128 over a 1024-wide talker, 28 layers, Identity MTP."""
+    _exact_only_fp32(dtype)
+    variant = MODES[mode][0]
+    ref, res, _ = gen_run(gen_case_name(mode, nsm), variant, "0.6b")
+    row = f"Greedy codes {MODE_NAME[mode]}/{variant} ({TEXT_NAME[nsm]})"
+    results = []
+    for i, (ours, up) in enumerate(zip(res.codes, ref.tap_steps("generate:codes"))):
+        r = compare_codes(f"generate:codes[{i}]", ours, up.long(), res.margins[i])
+        record(r, row=row, component="Generation (0.6b dims)", variant=variant, preset_override="0.6b",
+               notes=f"item {i}: {ours.shape[0]} frames, stop={res.stop_reason[i]}")
+        results.append(r)
+    assert all(results), " | ".join(r.message for r in results if not r)
+
+
+@pytest.mark.parametrize("mode,nsm", GEN_CASES)
+def test_loop_taps(mode, nsm, gen_run, record, dtype):
+    """Every talker call's layer outputs, final norm and codec logits; the predictor's 15 heads per frame."""
+    _exact_only_fp32(dtype)
+    variant = MODES[mode][0]
+    ref, res, recs = gen_run(gen_case_name(mode, nsm), variant)
+    n_calls = first_divergence(res, ref)
+    mask = ref.tap("talker:prompt_mask").bool()  # (B, L)
+    n_layers = sum(1 for t in ref.meta["expected_taps"] if re.fullmatch(r"talker\.model\.layers\.\d+:out", t))
+    assert n_layers > 0
+    groups = {
+        "Talker layers (generation)": ([f"talker.model.layers.{i}:out" for i in range(n_layers)], "block"),
+        "Talker final norm": (["talker.model.norm:out"], "block"),
+        "Codec logits": (["talker.codec_head:out"], "stack"),
+    }
+    all_ok = []
+    for row, (names, tier) in groups.items():
+        for name in names:
+            got, want = recs[name][:n_calls], ref.tap_steps(name)[:n_calls]
+            assert len(got) == len(want) == n_calls, f"{name}: {len(got)} impl calls vs {len(want)} upstream"
+            g0, w0 = got[0], want[0]
+            if name == "talker.codec_head:out":
+                w0 = w0[:, -1:]  # upstream applies the head to every prefill position; the loop reads the last
+            else:
+                g0, w0 = g0[mask], w0[mask]  # prefill: real (non-pad) positions only
+            g = torch.cat([g0.reshape(-1, g0.shape[-1])] + [t.reshape(-1, t.shape[-1]) for t in got[1:]])
+            w = torch.cat([w0.reshape(-1, w0.shape[-1])] + [t.reshape(-1, t.shape[-1]) for t in want[1:]])
+            r = compare(name, g.float(), w.float(), tier)
+            record(r, row=row, component="Generation", variant=variant, notes=f"{n_calls} talker calls")
+            all_ok.append(r)
+    # Code predictor: lm_head[j] runs once per frame.
+    n_frames = n_calls - 1
+    for j in range(15):
+        name = f"talker.code_predictor.lm_head.{j}:out"
+        got = torch.stack(recs[name][:n_frames])  # (F, B, V)
+        want = torch.stack([t[:, -1] for t in ref.tap_steps(name)[:n_frames]])
+        r = compare(name, got.float(), want.float(), "stack")
+        record(r, row="Code predictor (generation)", component="Generation", variant=variant,
+               notes=f"{n_frames} frames")
+        all_ok.append(r)
+    for i, (h, hu) in enumerate(zip(res.hidden, ref.tap_steps("generate:hidden"))):
+        n = min(h.shape[0], hu.shape[0])
+        r = compare(f"generate:hidden[{i}]", h[:n].float(), hu[:n].float(), "block")
+        record(r, row="Talker hidden states (result)", component="Generation", variant=variant)
+        all_ok.append(r)
+    assert all(all_ok), " | ".join(r.message for r in all_ok if not r)
+
+
+def test_sampled_codes_seeded(gen_run, record, dtype):
+    _exact_only_fp32(dtype)
+    ref, res, _ = gen_run("lm_sample_custom_voice", "custom_voice")
+    ups = ref.tap_steps("generate:codes")
+    results = []
+    for i, (ours, up) in enumerate(zip(res.codes, ups)):
+        r = compare_codes(f"generate:codes[{i}]", ours, up.long(), res.margins[i])
+        record(r, row="Sampled codes (seeded)", component="Generation", variant="custom_voice")
+        results.append(r)
+    assert all(results), " | ".join(r.message for r in results if not r)
+
+
+def test_sampled_functional(gen_run, record):
+    """Functional gates on sampled output: code ranges, no EOS inside a row, lengths within budget, stop reasons."""
+    ref, res, _ = gen_run("lm_sample_custom_voice", "custom_voice")
+    budget = int(ref.case["max_new_tokens"]) - 1
+    eos = 2150
+    for i, c in enumerate(res.codes):
+        in_range = bool((c >= 0).all()) and bool((c < 2048).all())  # no special id (EOS included) in a frame
+        length_ok = c.shape[0] == budget if res.stop_reason[i] == "budget" else c.shape[0] < budget + 1
+        ok = in_range and length_ok and res.stop_reason[i] in ("eos", "budget") and bool((c[:, 0] != eos).all())
+        r = CompareResult(f"sampled item {i}", "functional", ok, list(c.shape), list(c.shape), "int64", n=c.numel())
+        r.message = f"sampled item {i}: {c.shape[0]} frames, stop={res.stop_reason[i]}, codes in range: {ok}"
+        r.extra = {"frames": int(c.shape[0]), "stop_reason": res.stop_reason[i]}
+        record(r, row="Sampled generation (functional)", component="Generation", variant="custom_voice")
+        assert r, r.message
+
+
+def test_budget_reported(checkpoint_dir, device):
+    """A run cut by the budget says so per item (never a silent truncation)."""
+    tts = load_model(checkpoint_dir("voice_design"), device)
+    res = tts.generate_codes(["Hello there, a budget test.", "Hi"], mode="voice_design", language="english",
+                             instruct="calm", greedy=True, max_new_frames=3)
+    assert res.n_tokens <= 4
+    for c, reason in zip(res.codes, res.stop_reason):
+        assert reason in ("eos", "budget")
+        assert c.shape[0] <= 3
+        if reason == "budget":
+            assert c.shape[0] == 3
+    assert res.budget_exhausted == [r == "budget" for r in res.stop_reason]
+
+
+@pytest.mark.parametrize("variant", ["custom_voice", "base"])
+def test_stream_and_synthesize(variant, checkpoint_dir, reference, device, record):
+    """``stream`` chunks join to the codec's one-shot decode of the same codes (ICL: of reference + new frames,
+    reference part cut); ``synthesize`` returns float32 mono at 24 kHz, frames x 1920 samples."""
+    tts = load_model(checkpoint_dir(variant), device)
+    if variant == "base":  # ICL with upstream's recorded x-vector and reference codes
+        ref = reference(gen_case_name("icl", False), "base")
+        kw = dict(xvector=ref.tap_steps("generate:xvector")[0], ref_codes=ref.tap_steps("generate:ref_codes")[0],
+                  ref_text="Reference words here.", language="english")
+    else:
+        kw = dict(speaker="ryan", language="english")
+    text = "Streaming should equal one-shot decoding."
+    res = tts.generate_codes(text, greedy=True, max_new_frames=14, **kw)
+    chunks = list(tts.stream(text, chunk_frames=5, greedy=True, max_new_frames=14, **kw))
+    codes = res.codes[0]
+    prefix = res.ref_codes[0] if res.ref_codes[0] is not None else codes[:0]
+    full = tts.codec.decode_oneshot(torch.cat([prefix, codes]))[prefix.shape[0] * 1920:]
+    got = torch.from_numpy(__import__("numpy").concatenate(chunks))
+    assert [len(c) for c in chunks[:-1]] == [5 * 1920] * (len(chunks) - 1)
+    r = compare("stream (chunks of 5 frames) vs one-shot decode", got, torch.from_numpy(full), "stack")
+    record(r, row="Streaming synthesis (chunks vs one-shot)", component="Generation", variant=variant,
+           notes=f"{codes.shape[0]} frames")
+    assert r, r.message
+    wav, sr = tts.synthesize(text, greedy=True, max_new_frames=14, **kw)
+    assert sr == 24000 and wav.dtype.name == "float32" and wav.ndim == 1 and len(wav) == codes.shape[0] * 1920

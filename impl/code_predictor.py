@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import CodePredictorConfig
-from .layers import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
+from .layers import KVCache, RMSNorm, RotaryEmbedding, qwen3_layers
 from .taps import tap
 
 
@@ -37,11 +37,7 @@ class CodePredictorModel(nn.Module):
         super().__init__()
         if cfg.use_sliding_window or any(t != "full_attention" for t in (cfg.layer_types or [])):
             raise NotImplementedError("code predictor with sliding-window layers (no released checkpoint has one)")
-        self.layers = nn.ModuleList([
-            DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.head_dim, eps=cfg.rms_norm_eps, qk_norm=True, bias=cfg.attention_bias)
-            for _ in range(cfg.num_hidden_layers)
-        ])
+        self.layers = qwen3_layers(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         # Talker width, not predictor width: these also build the talker's next input (sum of 16 embeddings).

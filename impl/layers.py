@@ -11,7 +11,6 @@ C hidden size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,15 +117,6 @@ def merge_mrope(t: torch.Tensor, sections: list[int], interleaved: bool) -> torc
     return torch.cat([c[i % n_rows] for i, c in enumerate(chunks)], dim=-1)
 
 
-def mrope_applier(sections: list[int], interleaved: bool) -> Callable:
-    """A RoPE function for cos/sin given per row (3, B, T, D), as the talker's attention uses."""
-
-    def apply(q, k, cos, sin):
-        return apply_rope(q, k, merge_mrope(cos, sections, interleaved), merge_mrope(sin, sections, interleaved))
-
-    return apply
-
-
 # ------------------------------------------------------------------------------------------------ cache
 
 
@@ -211,23 +201,21 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention with GQA, optional per-head QK RMSNorm before RoPE, injected RoPE function.
 
-    Reproduces upstream ``Qwen3TTSTalkerAttention`` (QK-norm, M-RoPE), ``Qwen3TTSAttention`` (code predictor,
-    QK-norm, 1D RoPE) and ``Qwen3TTSTokenizerV2DecoderAttention`` (no QK-norm: ``nn.Identity``, 1D RoPE,
-    sliding window). ``head_dim`` is explicit: q_proj outputs ``n_heads * head_dim``, which need not equal the
+    Reproduces upstream ``Qwen3TTSTalkerAttention`` (QK-norm; its M-RoPE table is merged by the caller),
+    ``Qwen3TTSAttention`` (code predictor, QK-norm) and ``Qwen3TTSTokenizerV2DecoderAttention`` (no QK-norm:
+    ``nn.Identity``; its 72-frame sliding window lives in the mask). ``head_dim`` is explicit: q_proj outputs ``n_heads * head_dim``, which need not equal the
     hidden size (2048 vs 1024 in the 0.6B talker).
 
     Taps: ``q_rope``, ``k_rope`` (B, H|K, T, D) after RoPE; ``attn_probs`` (B, H, T, S) on the eager path.
     """
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm_eps: float | None = None, rope: Callable = apply_rope, window: int | None = None):
+                 qk_norm_eps: float | None = None):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scaling = head_dim**-0.5
-        self.window = window
-        self.rope = rope
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
@@ -243,7 +231,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = self.rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)
         tap(self, "q_rope", q)
         tap(self, "k_rope", k)
         if cache is not None:
@@ -300,11 +288,10 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
-                 eps: float, qk_norm: bool, rope: Callable = apply_rope, window: int | None = None,
-                 layer_scale: float | None = None, bias: bool = False):
+                 eps: float, qk_norm: bool, layer_scale: float | None = None, bias: bool = False):
         super().__init__()
         self.self_attn = Attention(hidden, n_heads, n_kv_heads, head_dim, bias=bias,
-                                   qk_norm_eps=eps if qk_norm else None, rope=rope, window=window)
+                                   qk_norm_eps=eps if qk_norm else None)
         self.mlp = SwiGLU(hidden, intermediate)
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
@@ -325,6 +312,15 @@ class DecoderLayer(nn.Module):
         return h + m
 
 
+def qwen3_layers(cfg) -> nn.ModuleList:
+    """The QK-normed decoder layers of a Qwen3-style config (talker or code predictor: same field names)."""
+    return nn.ModuleList([
+        DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                     cfg.head_dim, eps=cfg.rms_norm_eps, qk_norm=True, bias=cfg.attention_bias)
+        for _ in range(cfg.num_hidden_layers)
+    ])
+
+
 def check_attn_impl(impl: str) -> str:
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn={impl!r} is not one of {ATTN_IMPLS} (flash kernels are reached through sdpa on CUDA)")
@@ -332,6 +328,6 @@ def check_attn_impl(impl: str) -> str:
 
 
 __all__ = [
-    "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rope", "merge_mrope", "mrope_applier", "KVCache",
-    "causal_mask", "repeat_kv", "Attention", "SwiGLU", "LayerScale", "DecoderLayer", "check_attn_impl",
+    "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rope", "merge_mrope", "KVCache",
+    "causal_mask", "repeat_kv", "Attention", "SwiGLU", "LayerScale", "DecoderLayer", "qwen3_layers", "check_attn_impl",
 ]

@@ -25,7 +25,7 @@ from torch import nn
 
 from .code_predictor import CodePredictor
 from .config import TalkerConfig
-from .layers import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding, merge_mrope
+from .layers import KVCache, RMSNorm, RotaryEmbedding, merge_mrope, qwen3_layers
 from .taps import tap
 
 
@@ -93,11 +93,7 @@ class TalkerModel(nn.Module):
         self.codec_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.text_embedding = nn.Embedding(cfg.text_vocab_size, cfg.text_hidden_size)
         # Layers use plain 1D RoPE on the merged table (merged once per forward below).
-        self.layers = nn.ModuleList([
-            DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.head_dim, eps=cfg.rms_norm_eps, qk_norm=True, bias=cfg.attention_bias)
-            for _ in range(cfg.num_hidden_layers)
-        ])
+        self.layers = qwen3_layers(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 

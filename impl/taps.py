@@ -55,6 +55,17 @@ def first_tensor(x: object) -> torch.Tensor | None:
     return None
 
 
+def record_io(rec: Recorder, path: str, args: tuple, out: object, inputs: bool) -> None:
+    """What a forward hook records: ``<path>:out`` (first output tensor) and, with ``inputs``, ``<path>:in``."""
+    t = first_tensor(out)
+    if t is not None:
+        rec.add(f"{path}:out", t)
+    if inputs and args:
+        ti = first_tensor(args[0])
+        if ti is not None:
+            rec.add(f"{path}:in", ti)
+
+
 @dataclass
 class Recorder:
     """Collects taps. ``include`` globs filter names (default: all). Tensors are detached copies on CPU."""
@@ -91,13 +102,7 @@ def recording(
             path = mod._tap_path  # type: ignore[attr-defined]
 
             def hook(m, args, out, _p=path):
-                t = first_tensor(out)
-                if t is not None:
-                    rec.add(f"{_p}:out", t)
-                if inputs and args:
-                    ti = first_tensor(args[0])
-                    if ti is not None:
-                        rec.add(f"{_p}:in", ti)
+                record_io(rec, _p, args, out, inputs)
 
             handles.append(mod.register_forward_hook(hook))
     _ACTIVE.append(rec)

@@ -15,7 +15,6 @@ from impl.layers import (
     apply_rope,
     causal_mask,
     merge_mrope,
-    mrope_applier,
 )
 
 
@@ -54,15 +53,14 @@ def test_rope_preserves_norm_and_relative_position(T, shift):
     assert torch.allclose(q1 @ k1.transpose(-1, -2), q2 @ k2.transpose(-1, -2), atol=1e-9)
 
 
-def _attn(window=None):
+def _attn():
     torch.manual_seed(0)
-    a = Attention(24, 4, 2, 8, qk_norm_eps=1e-6, window=window).double()
-    return a
+    return Attention(24, 4, 2, 8, qk_norm_eps=1e-6).double()
 
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_eager_equals_sdpa_and_prefill_equals_incremental(window):
-    a = _attn(window)
+    a = _attn()  # the window lives in the mask
     rot = RotaryEmbedding(8, 1e4)
     x = torch.randn(2, 7, 24, dtype=torch.float64)
     cos, sin = rot(x, torch.arange(7)[None].expand(2, 7))
@@ -100,14 +98,3 @@ def test_rmsnorm_casts_back_before_weight_in_bf16():
     x32 = x.float()
     normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     assert torch.equal(n.to(torch.bfloat16)(x), n.weight.to(torch.bfloat16) * normed)
-
-
-def test_mrope_applier_matches_apply_rope_for_equal_rows():
-    rot = RotaryEmbedding(32, 1e6)
-    q = torch.randn(1, 4, 5, 32)
-    k = torch.randn(1, 2, 5, 32)
-    c1, s1 = rot(q, torch.arange(5)[None])
-    c3, s3 = rot(q, torch.arange(5)[None, None].expand(3, 1, 5))
-    a = apply_rope(q, k, c1, s1)
-    b = mrope_applier([6, 5, 5], True)(q, k, c3, s3)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from impl.taps import Recorder, first_tensor
+from impl.taps import Recorder, record_io
 
 from .upstream import import_upstream
 
@@ -43,13 +43,7 @@ def capture(roots: dict[str, nn.Module], include: tuple[str, ...] = ("*",), inpu
 
             def post(m, args, out, _p=path):
                 stack.pop()
-                t = first_tensor(out)
-                if t is not None:
-                    rec.add(f"{_p}:out", t)
-                if inputs and args:
-                    ti = first_tensor(args[0])
-                    if ti is not None:
-                        rec.add(f"{_p}:in", ti)
+                record_io(rec, _p, args, out, inputs)
 
             handles.append(mod.register_forward_pre_hook(pre))
             handles.append(mod.register_forward_hook(post))

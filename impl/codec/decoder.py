@@ -80,7 +80,7 @@ class PreTransformer(nn.Module):
         self.attn = check_attn_impl(attn)
         self.layers = nn.ModuleList([
             DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.head_dim, eps=cfg.rms_norm_eps, qk_norm=False, window=cfg.sliding_window,
+                         cfg.head_dim, eps=cfg.rms_norm_eps, qk_norm=False,
                          layer_scale=cfg.layer_scale_initial_scale, bias=cfg.attention_bias)
             for _ in range(cfg.num_hidden_layers)
         ])

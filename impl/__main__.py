@@ -7,6 +7,7 @@ with ``--ref-text`` for ICL or ``--x-vector-only``). Prints one line per item: f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _synthesize(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, KeyError, RuntimeError) as e:
+        # Config, checkpoint, prompt and audio errors are subclasses of these; each names the file, key or value.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _synthesize(args: argparse.Namespace) -> int:
     import numpy as np
     import soundfile as sf
     import torch
@@ -69,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     paths = [out] if len(wavs) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(wavs))]
     for i, (w, path) in enumerate(zip(wavs, paths)):
-        sf.write(str(path), np.asarray(w, dtype=np.float32), 24000, subtype="FLOAT")
+        # Write beside the target and rename: an interrupted run leaves no partial file, never clobbers half.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            sf.write(str(tmp), np.asarray(w, dtype=np.float32), 24000, subtype="FLOAT", format="WAV")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"{path}: {res.codes[i].shape[0]} frames, {len(w) / 24000:.2f} s audio, stop={res.stop_reason[i]}")
     print(f"load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s, decode {time.time() - t2:.1f} s", file=sys.stderr)
     return 0

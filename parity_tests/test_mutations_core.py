@@ -70,9 +70,10 @@ def test_mutation_turns_row_red(name, checkpoint_dir, reference, monkeypatch, re
 
 
 @pytest.mark.mutation
-def test_mutation_head_dim_fallback(checkpoint_dir):
-    """head_dim = hidden/heads (the silent fallback that gave other ports 64 instead of 128): the loader
-    refuses the checkpoint, naming q_proj and both shapes."""
+def test_mutation_head_dim_fallback(checkpoint_dir, record):
+    """head_dim = hidden/heads (the silent fallback that gave other ports 64 instead of 128): the strict loader
+    refuses the checkpoint, naming q_proj and both shapes, so the QKV Projections row cannot be produced: it is
+    recorded red with the loader's message."""
     from impl.loading import CheckpointError
 
     ckpt = checkpoint_dir("custom_voice")
@@ -83,8 +84,11 @@ def test_mutation_head_dim_fallback(checkpoint_dir):
         t["rope_scaling"]["mrope_section"] = [t["head_dim"] // 2 - 2 * (t["head_dim"] // 6), t["head_dim"] // 6,
                                               t["head_dim"] // 6]
 
-    with pytest.raises(CheckpointError, match=r"q_proj.weight has shape"):
+    with pytest.raises(CheckpointError, match=r"q_proj.weight has shape") as err:
         build_talker(ckpt, cfg_edit=fallback)
+    r = CompareResult(f"{ROW['QKV Projections'].taps[0]}", "op", False, [], [], "", message=str(err.value))
+    record(r, row="mutation head-dim-fallback → QKV Projections", component="Mutation self-test",
+           variant="custom_voice", notes="expected to FAIL")
 
 
 def test_comparing_nothing_fails():

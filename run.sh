@@ -37,6 +37,7 @@ case "$cmd" in
     report) setup; exec "$PY" -m reports run "$@" ;;
     test)
         setup
+        "$PY" -m ruff check --quiet . || { echo "run.sh: ruff found problems (see above)" >&2; exit 1; }
         "$PY" -m pytest -q "$@"
         exec "$PY" -m reports gate
         ;;

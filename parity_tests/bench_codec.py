@@ -2,7 +2,7 @@
 
 Not collected by the default run (the file name does not match ``test_*.py``); run it explicitly::
 
-    pytest parity_tests/bench_codec.py --benchmark-enable [--preset 0.6b]
+    pytest parity_tests/bench_codec.py -m benchmark --benchmark-enable [--preset 0.6b]
 
 Both sides decode the same codes from the same checkpoint folder, fp32, sdpa attention (upstream's default for
 the codec), through their user-facing ``decode`` (upstream ``Qwen3TTSTokenizerV2Model.decode``, ours

@@ -2,7 +2,7 @@
 
 Not collected by the default run (the file name does not match ``test_*.py``); run it explicitly::
 
-    pytest parity_tests/bench_lm.py --benchmark-enable [--preset 0.6b] [--device cuda]
+    pytest parity_tests/bench_lm.py -m benchmark --benchmark-enable [--preset 0.6b] [--device cuda]
 
 Both sides: the same checkpoint folder, fp32, SDPA attention (upstream's default), greedy, the same prompt ids.
 Groups: a talker prefill, one code-predictor frame (15 tokens), a full greedy generation (talker + predictor,

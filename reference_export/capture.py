@@ -48,6 +48,17 @@ def capture(roots: dict[str, nn.Module], include: tuple[str, ...] = ("*",), inpu
             handles.append(mod.register_forward_pre_hook(pre))
             handles.append(mod.register_forward_hook(post))
 
+    if "talker" in roots:
+        # One talker forward per generation step (0 = prefill; the code predictor runs inside it for the previous
+        # frame), so its call index is the decode step every tap recorded during it carries.
+        calls = [0]
+
+        def step_hook(m, args):
+            rec.step = calls[0]
+            calls[0] += 1
+
+        handles.append(roots["talker"].register_forward_pre_hook(step_hook))
+
     def current_attention() -> str:
         for p in reversed(stack):
             if p.endswith("self_attn") or p.endswith(".attn"):

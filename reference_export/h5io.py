@@ -7,8 +7,9 @@ Layout::
     /case                 attrs: the case's settings (JSON-able values; lists/dicts as JSON strings)
     /inputs/<name>        input arrays
     /taps/<module path>/<point>          a dataset when the point was recorded once;
-    /taps/<module path>/<point>/step_00012   a group of datasets when recorded per call (autoregressive steps,
-                                         numbered by call order; each dataset's ``step`` attr is the decode step)
+    /taps/<module path>/<point>/step_00012   a group of datasets when recorded per call (numbered by call
+                                         order); each dataset's ``step`` attr is the decode step: the index of
+                                         the talker forward it ran in (0 = prefill), 0 outside generation
 
 Every tap dataset keeps its exact dtype (bf16 is stored as its raw 16-bit pattern, uint16, with attr
 ``torch_dtype = "bfloat16"``) and carries attrs shape, dtype, mean, std, absmax, finite, step.
@@ -203,6 +204,13 @@ class RefFile:
         if isinstance(node, h5py.Dataset):
             return [_from_numpy(node[()], node.attrs.get("torch_dtype"))]
         return [_from_numpy(node[k][()], node[k].attrs.get("torch_dtype")) for k in sorted(node)]
+
+    def tap_step_numbers(self, name: str) -> list[int]:
+        """The ``step`` attr of each call of a tap (the decode step it was recorded in)."""
+        node = self._node(name)
+        if isinstance(node, h5py.Dataset):
+            return [int(node.attrs.get("step", 0))]
+        return [int(node[k].attrs.get("step", 0)) for k in sorted(node)]
 
     def __enter__(self) -> RefFile:
         return self

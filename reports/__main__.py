@@ -22,6 +22,15 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
+RELEASED = HERE / "results-released.json"
+
+
+def _also(given: list[Path] | None) -> list[Path]:
+    if given is not None:
+        return given
+    return [RELEASED] if RELEASED.exists() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reports", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--checkpoint", default=None, help="a real checkpoint folder instead of synthetic ones")
     r.add_argument("--results", default=str(HERE / "results.json"))
     r.add_argument("--out", default=str(HERE / "VALIDATION.md"))
+    r.add_argument("--also", action="append", default=None, type=Path,
+                   help="another results file to render as its own section (default: reports/results-released.json "
+                        "when present: the recorded opt-in run at released dimensions)")
     r.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     d = sub.add_parser("render", help="render results.json into VALIDATION.md")
     d.add_argument("--results", default=str(HERE / "results.json"))
     d.add_argument("--out", default=str(HERE / "VALIDATION.md"))
+    d.add_argument("--also", action="append", default=None, type=Path, help="as for run")
     g = sub.add_parser("gate", help="compare results.json with the committed baseline")
     g.add_argument("--results", default=str(HERE / "results.json"))
     g.add_argument("--baseline", default=str(HERE / "baseline.json"))
@@ -58,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd += a.pytest_args
         print("reports: " + " ".join(cmd[2:]), flush=True)
         rc = subprocess.call(cmd, cwd=ROOT)
-        for f in render(Path(a.results), Path(a.out)):
+        for f in render(Path(a.results), Path(a.out), _also(a.also)):
             print(f"reports: wrote {f}")
         return rc
     if a.cmd == "render":
-        for f in render(Path(a.results), Path(a.out)):
+        for f in render(Path(a.results), Path(a.out), _also(a.also)):
             print(f"reports: wrote {f}")
         return 0
     return gate(Path(a.results), Path(a.baseline), a.update)

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--repetition-penalty", type=float, default=None)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="language-model precision")
+    s.add_argument("--codec-dtype", choices=sorted(DTYPES), default="float32",
+                   help="codec precision (fp32 default: upstream's codec overflows in bf16)")
     s.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
     return p
 
@@ -64,6 +66,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     tts = Qwen3TTS.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                   codec_dtype=getattr(torch, DTYPES[args.codec_dtype]),
                                    attn=args.attn)
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       repetition_penalty=args.repetition_penalty).items() if v is not None}

@@ -81,11 +81,12 @@ class Qwen3TTS:
         self.generation_config = generation_config
         self.device, self.dtype, self.attn = device, dtype, attn
         self._codec = None
+        self.codec_dtype = torch.float32
         self._speaker_encoder = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        attn: str = "sdpa") -> Qwen3TTS:
+                        attn: str = "sdpa", codec_dtype: torch.dtype = torch.float32) -> Qwen3TTS:
         from .text_tokenizer import TextTokenizer
 
         folder = Path(path)
@@ -102,18 +103,23 @@ class Qwen3TTS:
         talker.eval()
         gen_path = folder / "generation_config.json"
         gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        return cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype, check_attn_impl(attn))
+        tts = cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype, check_attn_impl(attn))
+        # The codec stays fp32 by default whatever ``dtype`` is: upstream's codec overflows to NaN in bf16
+        # (SnakeBeta's exp); bf16 remains selectable for measurement.
+        tts.codec_dtype = codec_dtype
+        return tts
 
     # -- lazily loaded parts ---------------------------------------------------------------------------------
 
     @property
     def codec(self):
-        """The speech tokenizer (``impl.codec``), loaded on first use, fp32 (upstream's codec config says
-        float32; bf16 decoding is slow and lossy on CPU)."""
+        """The speech tokenizer (``impl.codec``), loaded on first use in ``codec_dtype`` (fp32 unless chosen
+        otherwise: upstream's codec config says float32; bf16 decoding is slow and lossy on CPU)."""
         if self._codec is None:
             from .codec import SpeechTokenizer
 
-            self._codec = SpeechTokenizer.from_dir(self.folder, device=self.device, attn=self.attn)
+            self._codec = SpeechTokenizer.from_dir(self.folder, device=self.device, dtype=self.codec_dtype,
+                                                   attn=self.attn)
         return self._codec
 
     @property

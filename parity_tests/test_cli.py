@@ -44,3 +44,15 @@ def test_synth_refuses_to_overwrite_and_capture_names_unknown_case(tmp_path, cap
                         str(tmp_path / "r.h5")]) == 2
     assert "unknown case 'no_such_case'" in capsys.readouterr().err
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_codec_stays_fp32_when_the_language_model_runs_bf16(checkpoint_dir):
+    import torch
+
+    from impl import Qwen3TTS
+
+    tts = Qwen3TTS.from_pretrained(checkpoint_dir("custom_voice"), dtype=torch.bfloat16)
+    assert next(tts.talker.parameters()).dtype == torch.bfloat16
+    assert next(tts.codec.decoder.parameters()).dtype == torch.float32
+    tts16 = Qwen3TTS.from_pretrained(checkpoint_dir("custom_voice"), codec_dtype=torch.bfloat16)
+    assert next(tts16.codec.decoder.parameters()).dtype == torch.bfloat16

@@ -151,10 +151,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import shutil
 
     synth_h, cap_h = _src_hash(*SYNTH_SOURCES), _src_hash(*CAPTURE_SOURCES)
-    for d in (CACHE / "ckpt").glob("*-s*-*"):
+    # Dot-prefixed entries are another process's writes in progress (temp dir/file, renamed when complete):
+    # never touch them.
+    for d in (CACHE / "ckpt").glob("[!.]*-s*-*"):
         if d.is_dir() and not d.name.endswith(synth_h):
             shutil.rmtree(d, ignore_errors=True)
-    for f in (CACHE / "refs").glob("*.h5"):
+    for f in (CACHE / "refs").glob("[!.]*.h5"):
         if not f.stem.endswith(cap_h):
             f.unlink(missing_ok=True)
 

@@ -186,10 +186,10 @@ def test_greedy_codes(mode, nsm, gen_run, record, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,nsm", [pytest.param("icl", False, id="icl-stream"),
-                                      pytest.param("xvec", True, id="xvec-nonstream")])
+@pytest.mark.parametrize("mode,nsm", GEN_CASES)
 def test_greedy_codes_released_dims(mode, nsm, gen_run, record, dtype):
-    """0.6b dimensions (random weights): head_dim 128 over a 1024-wide talker, 28 layers, Identity MTP."""
+    """0.6b dimensions (random weights): head_dim 128 over a 1024-wide talker, 28 layers, Identity MTP.
+    VoiceDesign has no 0.6b release, so its cases skip with that reason. About 2.5 min per case on 2 cores."""
     _exact_only_fp32(dtype)
     variant = MODES[mode][0]
     ref, res, _ = gen_run(gen_case_name(mode, nsm), variant, "0.6b")

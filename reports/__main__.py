@@ -22,13 +22,10 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-RELEASED = HERE / "results-released.json"
-
-
 def _also(given: list[Path] | None) -> list[Path]:
     if given is not None:
         return given
-    return [RELEASED] if RELEASED.exists() else []
+    return sorted(HERE.glob("results-released*.json"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--results", default=str(HERE / "results.json"))
     r.add_argument("--out", default=str(HERE / "VALIDATION.md"))
     r.add_argument("--also", action="append", default=None, type=Path,
-                   help="another results file to render as its own section (default: reports/results-released.json "
-                        "when present: the recorded opt-in run at released dimensions)")
+                   help="another results file to render as its own section (default: reports/results-released*.json: "
+                        "the recorded opt-in runs at released dimensions)")
     r.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     d = sub.add_parser("render", help="render results.json into VALIDATION.md")
     d.add_argument("--results", default=str(HERE / "results.json"))

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return main_compare(a.ours, a.ref, a.tier, a.override, a.json)
     if a.cmd == "run":
         cmd = [sys.executable, "-m", "pytest", "-q", "parity_tests", "-m", "not slow and not benchmark",
-               "--preset", a.preset, "--results", a.results]
+               "--preset", a.preset, f"--results={a.results}"]
         if a.checkpoint:
             cmd += ["--checkpoint", a.checkpoint]
         cmd += a.pytest_args

@@ -96,9 +96,6 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
 
-    def warpers_active(self) -> bool:
-        return self.do_sample
-
 
 def warp(scores: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """The sampling warpers (HF order: temperature, top-k, top-p); identity when greedy."""

@@ -44,12 +44,6 @@ def compare_row(row: Row, got: dict[str, torch.Tensor], ref, step: int | None = 
     return out
 
 
-def worst(results: list[CompareResult]) -> CompareResult:
-    """The result that represents a row: the first failure, else the largest max_abs."""
-    bad = [r for r in results if not r]
-    return bad[0] if bad else max(results, key=lambda r: r.max_abs)
-
-
 def assert_row(row: str, results: list[CompareResult]) -> None:
     bad = [r for r in results if not r]
     assert not bad, f"{row}: " + " | ".join(r.message for r in bad)

@@ -19,7 +19,7 @@ from impl.sampling import PredictorChooser, SamplingConfig
 from impl.taps import recording
 from reports.compare import compare
 
-from .test_generate import load_model, one_thread  # noqa: F401  (fixture)
+from .test_generate import load_model
 
 VARIANTS = [pytest.param("base", id="base-linear-mtp"), pytest.param("custom_voice", id="custom_voice-identity-mtp")]
 

@@ -22,7 +22,7 @@ fp32 one-shot (``test_streaming_fp32_any_chunking_stack``).
 
 from __future__ import annotations
 
-import contextlib
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -48,23 +48,20 @@ SCHEDULE_STRATEGY = st.lists(st.integers(min_value=1, max_value=40), min_size=1,
 HYP_FRAMES = 80  # hypothesis runs: still past the 72-frame window, a little cheaper than the case's 90
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Small per-frame ops: one intra-op thread is 8-15x faster than two on a busy 2-core machine (OpenMP
-    barriers), measured 0.6 s vs 5-9 s for 90 frames. Only speed changes; the comparison tiers do not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def stream_decode(decoder, codes_bfq: torch.Tensor, schedule: list[int]) -> torch.Tensor:
     """codes (B, F, Q) pushed in chunks of ``schedule`` sizes -> (B, F*1920)."""
     s = DecoderStream(decoder)
-    with one_thread():
-        return torch.cat([s.push(c) for c in split_frames(codes_bfq, schedule)], dim=-1)
+    return torch.cat([s.push(c) for c in split_frames(codes_bfq, schedule)], dim=-1)
+
+
+class StreamEnv(NamedTuple):
+    codec: object  # fp32 SpeechTokenizer
+    codec64: object  # the same weights in fp64
+    ref: object  # RefFile of the codec_decoder case
+    codes: torch.Tensor  # (B, F, Q)
+    oneshot64: torch.Tensor  # (1, HYP_FRAMES*1920) our fp64 one-shot decode
+    upstream_err: float  # upstream fp32 one-shot RMS error vs our fp64 one-shot
+    oneshot32: torch.Tensor  # (1, HYP_FRAMES*1920) our fp32 one-shot decode
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +78,12 @@ def stream_env(checkpoint_dir, reference, device, attn):
     # Upstream's fp32 one-shot, row 0, first HYP_FRAMES frames (causal: the rest does not touch them).
     upstream32 = ref.tap(f"{D}:out")[:1, 0, :n].double()
     upstream_err = float((upstream32 - oneshot64).pow(2).mean().sqrt())  # its own fp32 RMS error vs fp64
-    return codec, codec64, ref, codes, oneshot64, upstream_err, oneshot32
+    return StreamEnv(codec, codec64, ref, codes, oneshot64, upstream_err, oneshot32)
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
 def test_streaming_vs_upstream_oneshot(schedule: str, stream_env, record):
-    codec, _, ref, codes, _, _, _ = stream_env
+    codec, ref, codes = stream_env.codec, stream_env.ref, stream_env.codes
     got = stream_decode(codec.decoder, codes, SCHEDULES[schedule]).cpu()  # (B, F*1920)
     r = compare(f"{D}:out (streamed: {schedule})", got[:, None], ref.tap(f"{D}:out").float(), "stack")
     record(r, row="Streaming decode vs one-shot", component=COMPONENT, variant=VARIANT,
@@ -99,7 +96,7 @@ def test_streaming_vs_upstream_oneshot(schedule: str, stream_env, record):
 @example(schedule=[1])
 @example(schedule=[71, 1, 1])
 def test_streaming_equals_oneshot_any_chunking_fp64(schedule: list[int], stream_env):
-    _, codec64, _, codes, oneshot64, _, _ = stream_env
+    codec64, codes, oneshot64 = stream_env.codec64, stream_env.codes, stream_env.oneshot64
     got = stream_decode(codec64.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp64 streamed {schedule}", got, oneshot64, "stack")
     assert r, r.message
@@ -110,7 +107,7 @@ def test_streaming_equals_oneshot_any_chunking_fp64(schedule: list[int], stream_
 @example(schedule=[1])
 @example(schedule=[71, 1, 1])
 def test_streaming_fp32_any_chunking_stack(schedule: list[int], stream_env, record):
-    codec, _, _, codes, _, _, oneshot32 = stream_env
+    codec, codes, oneshot32 = stream_env.codec, stream_env.codes, stream_env.oneshot32
     got = stream_decode(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp32 streamed {schedule} vs fp32 one-shot", got, oneshot32, "stack")
     record(r, row="Streaming = one-shot, any chunking (fp32)", component=COMPONENT, variant=VARIANT,
@@ -122,7 +119,7 @@ def test_streaming_fp32_any_chunking_stack(schedule: list[int], stream_env, reco
 @given(schedule=SCHEDULE_STRATEGY)
 @example(schedule=[1])
 def test_streaming_fp32_any_chunking_referee(schedule: list[int], stream_env):
-    codec, _, _, codes, oneshot64, upstream_err, _ = stream_env
+    codec, codes, oneshot64, upstream_err = stream_env.codec, stream_env.codes, stream_env.oneshot64, stream_env.upstream_err
     got = stream_decode(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp32 streamed {schedule} vs fp64 one-shot", got.double(), oneshot64, "referee",
                 referee_ref_err=upstream_err)
@@ -131,11 +128,10 @@ def test_streaming_fp32_any_chunking_referee(schedule: list[int], stream_env):
 
 def test_audio_after_first_frame(stream_env):
     """The first pushed frame yields its 1920 samples at once, equal to the one-shot's first 1920."""
-    codec, _, ref, codes, _, _, _ = stream_env
+    codec, ref, codes = stream_env.codec, stream_env.ref, stream_env.codes
     oneshot = ref.tap(f"{D}:out")[:1, 0]
     it = codec.decode_stream(codes[0], chunk_frames=1)
-    with one_thread():
-        first = next(it)
+    first = next(it)
     assert first.shape == (1920,)
     torch.testing.assert_close(torch.from_numpy(first), oneshot[0, :1920], rtol=1e-4, atol=1e-4)
     second = next(it)
@@ -144,7 +140,7 @@ def test_audio_after_first_frame(stream_env):
 
 def test_state_is_not_mutated(stream_env):
     """``y, state = f(x, state)`` is functional: branching from a saved state twice gives the same audio."""
-    codec, _, _, codes, _, _, _ = stream_env
+    codec, codes = stream_env.codec, stream_env.codes
     dec = codec.decoder
     with torch.inference_mode():
         _, s0 = dec.stream(codes[:1, :75].transpose(1, 2).to(codec.device), None)
@@ -157,7 +153,7 @@ def test_state_is_not_mutated(stream_env):
 
 
 def test_stream_rejects_padding(stream_env):
-    codec, _, _, codes, _, _, _ = stream_env
+    codec, codes = stream_env.codec, stream_env.codes
     bad = codes[0, :3].clone()
     bad[2] = -1
     with pytest.raises(ValueError, match="negative codes"):
@@ -166,7 +162,7 @@ def test_stream_rejects_padding(stream_env):
 
 def test_iterable_input_batched(stream_env):
     """An iterable of (B, f, Q) chunks yields (B, f*1920) chunks; the batch streams like the single rows."""
-    codec, _, ref, codes, _, _, _ = stream_env
+    codec, ref, codes = stream_env.codec, stream_env.ref, stream_env.codes
     chunks = list(split_frames(codes, [30, 60]))
     out = [torch.from_numpy(w) for w in codec.decode_stream(iter(chunks))]
     assert [tuple(o.shape) for o in out] == [(codes.shape[0], 30 * 1920), (codes.shape[0], 60 * 1920)]

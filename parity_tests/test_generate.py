@@ -40,18 +40,6 @@ MODE_NAME = {"custom_voice": "custom_voice", "voice_design": "voice_design", "xv
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(request):
-    """Tiny models are dominated by per-op overhead; a second intra-op thread makes them 4x slower here."""
-    if request.config.getoption("--preset") != "tiny":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _MODELS: dict[tuple, Qwen3TTS] = {}
 
 

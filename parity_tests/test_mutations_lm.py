@@ -31,7 +31,7 @@ from reference_export.cases.lm import gen_case_name
 from reports.compare import compare
 
 from .test_code_predictor import teacher_run
-from .test_generate import compare_codes, one_thread, requests_from_ref, run_impl  # noqa: F401  (fixture)
+from .test_generate import compare_codes, requests_from_ref, run_impl
 
 # ------------------------------------------------------------------------------------------------ rows
 

@@ -26,7 +26,7 @@ from impl.taps import recording
 from reference_export.cases.talker import layer_taps
 from reports.compare import compare, compare_exact
 
-from .test_generate import load_model, one_thread, requests_from_ref  # noqa: F401  (fixture)
+from .test_generate import load_model, requests_from_ref
 from .test_talker_layer import build_talker, run_stack
 
 

@@ -21,7 +21,7 @@ from impl.loading import load_into, read_state_dict
 from impl.talker import Talker
 from impl.taps import recording
 
-from .rows import Row, assert_row, compare_row, worst
+from .rows import Row, assert_row, compare_row
 
 L0 = "talker.model.layers.0"
 ROWS = [
@@ -120,10 +120,6 @@ def test_layer0_released_dims(row: Row, stack_runs, record, attn):
         record(r, row=row.name, component="Talker layer 0 (0.6b dims)", variant="base", preset_override="0.6b")
     assert_row(row.name, results)
 
-
-def row_summary(results) -> str:
-    w = worst(results)
-    return f"{w.name} max_abs={w.max_abs:.3g}"
 
 
 def _rms(x: torch.Tensor) -> float:

@@ -131,9 +131,6 @@ class CodecDecoder(nn.Module):
             CausalConv1d(out_dim, 1, 7),
         ])
 
-    def set_attn_impl(self, attn: str) -> None:
-        self.pre_transformer.attn = check_attn_impl(attn)
-
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, Q, F) long -> wav (B, 1, F*1920), clamped to [-1, 1]. The one-shot decode."""
         return self.stream(codes, None).y

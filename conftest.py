@@ -211,16 +211,41 @@ def reference(request, checkpoint_dir):
 
 
 class Results:
+    """What the session recorded: typed comparison records (``reports.results.Record``), test outcomes, skip
+    reasons, bad-input cases, and the hash of the code the session started from."""
+
     def __init__(self) -> None:
-        self.rows: list[dict] = []
+        from reports.results import code_hash
+
+        self.rows: list = []  # reports.results.Record
+        self.bad_input: list[dict] = []  # one entry per bad-input case (issue: bad input), rendered by reports
         self.outcomes: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}  # nodeid -> reason
         self.durations: dict[str, float] = {}
         self.start = time.time()
+        # Taken when the session starts: an edit during the run makes the results refuse to render.
+        self.code_hash = code_hash(ROOT)
+
+    def log(self, report: pytest.TestReport) -> None:
+        """Fold one test phase's report into the outcomes: a skip, the call's outcome, or an error in setup or
+        teardown (the test errored: its row must not stay green)."""
+        nid = report.nodeid
+        if report.skipped:
+            self.outcomes[nid] = "skipped"
+            self.skipped[nid] = _skip_reason(report)
+        elif report.when == "call":
+            self.outcomes[nid] = report.outcome
+        elif report.failed:
+            self.outcomes[nid] = "error"
+        if report.when == "call" or report.failed:
+            self.durations[nid] = report.duration
 
     def add(self, nodeid: str, result, row: str, component: str, variant: str = "", notes: str = "",
-            preset: str = "") -> None:
-        self.rows.append({"nodeid": nodeid, "row": row, "component": component, "variant": variant,
-                          "preset": preset, "notes": notes, "result": result.to_json()})
+            preset: str = "", compares: str = "ours vs upstream", expect_fail: bool = False) -> None:
+        from reports.results import Record
+
+        self.rows.append(Record(component=component, row=row, result=result, preset=preset, variant=variant,
+                                compares=compares, expect_fail=expect_fail, notes=notes, nodeid=nodeid))
 
 
 _RESULTS = Results()
@@ -228,19 +253,42 @@ _RESULTS = Results()
 
 @pytest.fixture
 def record(request, preset):
-    """``record(result, row=..., component=..., variant="", notes="")`` adds a comparison to results.json."""
+    """``record(result, row=..., component=..., variant="", notes="", compares="ours vs upstream",
+    expect_fail=False)`` adds a comparison to results.json. ``compares`` says what the row compares (one of
+    ``reports.results.COMPARES``: ours vs upstream / ours vs ours / ours vs a formula / ours vs librosa);
+    ``expect_fail`` marks a mutation self-test row, which must turn red."""
 
-    def add(result, row: str, component: str, variant: str = "", notes: str = "", preset_override: str = ""):
-        _RESULTS.add(request.node.nodeid, result, row, component, variant, notes, preset_override or preset)
+    def add(result, row: str, component: str, variant: str = "", notes: str = "", preset_override: str = "",
+            compares: str = "ours vs upstream", expect_fail: bool = False):
+        _RESULTS.add(request.node.nodeid, result, row, component, variant, notes, preset_override or preset,
+                     compares, expect_fail)
         return result
 
     return add
 
 
+@pytest.fixture
+def bad_input(request):
+    """``bad_input(case, outcome, message, surface="")`` records one bad-input case for the report's "Bad input"
+    section. ``outcome`` says what happened (e.g. "one-line error", "refused", "handled"); ``message`` is the line
+    the user saw. Record it after asserting on it, so that a recorded case is one whose test checked it."""
+
+    def add(case: str, outcome: str, message: str, surface: str = "") -> None:
+        _RESULTS.bad_input.append({"nodeid": request.node.nodeid, "surface": surface, "case": case,
+                                   "outcome": outcome, "message": message})
+
+    return add
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    lr = report.longrepr
+    if isinstance(lr, tuple) and len(lr) == 3:  # (file, line, "Skipped: reason")
+        return str(lr[2]).removeprefix("Skipped: ")
+    return str(lr or "")
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        _RESULTS.outcomes[report.nodeid] = report.outcome
-        _RESULTS.durations[report.nodeid] = report.duration
+    _RESULTS.log(report)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -258,28 +306,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     except Exception:  # provenance is best effort; results still get written
         pass
     from reference_export.export import git_sha
+    from reports.results import RunResults
 
-    data = {
-        "schema": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "provenance": {
+    run = RunResults(
+        created=datetime.now(UTC).isoformat(timespec="seconds"), code_hash=_RESULTS.code_hash,
+        provenance={
             "git_sha": git_sha(), "versions": vers, "python": platform.python_version(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
             "preset": session.config.getoption("--preset"), "checkpoint": session.config.getoption("--checkpoint"),
             "device": session.config.getoption("--device"), "dtype": session.config.getoption("--dtype"),
             "attn": session.config.getoption("--attn"), "markexpr": session.config.getoption("-m") or "",
         },
-        "summary": {
+        summary={
             "collected": session.testscollected, "passed": outcomes.count("passed"),
-            "failed": outcomes.count("failed"), "skipped": outcomes.count("skipped"),
+            "failed": outcomes.count("failed"), "errors": outcomes.count("error"), "skipped": outcomes.count("skipped"),
             "duration_s": round(time.time() - _RESULTS.start, 1), "exitstatus": int(exitstatus),
         },
-        "tests": _RESULTS.outcomes,
-        "rows": _RESULTS.rows,
-    }
-    if not _RESULTS.rows and not outcomes:
-        return  # e.g. --collect-only: keep the previous results
+        tests=_RESULTS.outcomes, skipped=_RESULTS.skipped, records=_RESULTS.rows, bad_input=_RESULTS.bad_input,
+    )
+    if not _RESULTS.rows and not outcomes and int(exitstatus) == 0:
+        return  # --collect-only: nothing ran. A collection error still writes (an empty run, with its exit status),
+        # so the previous results can never pass for this run's.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(run.to_json(), indent=1))
     os.replace(tmp, path)

@@ -4,6 +4,7 @@
 #   ./run.sh report [--preset tiny] [pytest args…]  build synthetic checkpoints, capture upstream references,
 #                                                   run the parity suite, write reports/VALIDATION.md
 #   ./run.sh test [pytest args…]                    the default test suite (what CI runs), then the CI gate
+#   ./run.sh bench --model DIR [bench args…]        speed: ours vs upstream on one folder (python -m impl bench)
 #   ./run.sh setup                                  only create/refresh the virtualenv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,11 +36,12 @@ cmd=${1:-}
 case "$cmd" in
     setup) setup ;;
     report) setup; exec "$PY" -m reports run "$@" ;;
+    bench) setup; exec "$PY" -m impl bench "$@" ;;
     test)
         setup
         "$PY" -m ruff check --quiet . || { echo "run.sh: ruff found problems (see above)" >&2; exit 1; }
         "$PY" -m pytest -q "$@"
         exec "$PY" -m reports gate
         ;;
-    *) echo "usage: ./run.sh {report|test|setup} [args…]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh {report|test|bench|setup} [args…]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ with ``--ref-text`` for ICL or ``--x-vector-only``). Prints one line per item: f
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 import time
 from pathlib import Path
@@ -18,6 +18,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m impl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    # Listed here for --help; main() hands ``bench`` to impl.bench, which owns its arguments.
+    sub.add_parser("bench", add_help=False, help="speed: ours vs upstream on one folder (python -m impl bench --help)")
     s = sub.add_parser("synthesize", help="text -> 24 kHz wav")
     s.add_argument("--model", required=True, help="checkpoint folder (config.json, model.safetensors, ...)")
     s.add_argument("--text", required=True, action="append", help="text to speak (repeat for a batch)")
@@ -48,13 +50,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the conventional 128 + SIGINT; outputs are written atomically, so nothing is partial.
+        print("interrupted (no output written or changed)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return _synthesize(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, NotImplementedError, KeyError, RuntimeError) as e:
         # Config, checkpoint, prompt and audio errors are subclasses of these; each names the file, key or value.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error (torch and libsndfile messages can run to many lines)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _check_utf8(flag: str, t: str) -> None:
+    """A command-line value with bytes that are not UTF-8 arrives as lone surrogates: name it here, not in the
+    tokenizer (which fails with a TypeError)."""
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = t.encode("utf-8", "surrogateescape")[len(t[: e.start].encode("utf-8"))]
+        raise ValueError(f"{flag} is not valid UTF-8 (byte 0x{bad:02x} at character {e.start})") from None
+
+
+def _check_text_args(texts: list[str]) -> None:
+    for i, t in enumerate(texts):
+        _check_utf8(f"--text #{i + 1}", t)
+        if not t.strip():
+            raise ValueError(f"--text #{i + 1} is empty")
 
 
 def _synthesize(args: argparse.Namespace) -> int:
@@ -63,11 +103,32 @@ def _synthesize(args: argparse.Namespace) -> int:
     import torch
 
     from .model import Qwen3TTS
+    from .outfile import check_output, write_bytes
 
+    # Everything the user typed is checked before the model loads: text, output paths (writable, not a folder).
+    _check_text_args(args.text)
+    for flag, value in (("--instruct", args.instruct), ("--ref-text", args.ref_text)):
+        if value is not None:
+            _check_utf8(flag, value)
+    out = Path(args.out)
+    n = len(args.text)
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+    for path in paths:
+        check_output(path)
+    from .sampling import check_sampling_value
+
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty"):  # ranges: before the model loads
+        if getattr(args, name) is not None:
+            check_sampling_value(name, getattr(args, name))
+    if args.max_new_frames is not None and args.max_new_frames < 1:
+        raise ValueError(f"max_new_frames {args.max_new_frames} is out of range: must be >= 1")
+    if args.ref_audio is not None and "://" not in args.ref_audio and not Path(args.ref_audio).is_file():
+        raise ValueError(f"--ref-audio {args.ref_audio}: file not found")  # before the model loads, not after
     t0 = time.time()
     tts = Qwen3TTS.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                    codec_dtype=getattr(torch, DTYPES[args.codec_dtype]),
                                    attn=args.attn)
+    _ = tts.codec  # load (and check) the codec now: a broken one must fail before the generation, not after it
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       repetition_penalty=args.repetition_penalty).items() if v is not None}
     nst = None if args.non_streaming_text is None else args.non_streaming_text == "true"
@@ -78,18 +139,17 @@ def _synthesize(args: argparse.Namespace) -> int:
                              x_vector_only=args.x_vector_only, non_streaming_text=nst, greedy=args.greedy,
                              seed=args.seed, max_new_frames=args.max_new_frames, **sampling)
     t2 = time.time()
-    wavs = tts.decode(res)
-    out = Path(args.out)
-    paths = [out] if len(wavs) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(wavs))]
+    wavs = tts.decode(res)  # raises on NaN/Inf audio: nonsense never reaches a file
     for i, (w, path) in enumerate(zip(wavs, paths)):
-        # Write beside the target and rename: an interrupted run leaves no partial file, never clobbers half.
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            sf.write(str(tmp), np.asarray(w, dtype=np.float32), 24000, subtype="FLOAT", format="WAV")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Rendered in memory, then written atomically (or through, for /dev/null and FIFOs): impl.outfile.
+        buf = io.BytesIO()
+        sf.write(buf, np.asarray(w, dtype=np.float32), 24000, subtype="FLOAT", format="WAV")
+        write_bytes(path, buf.getvalue())
         print(f"{path}: {res.codes[i].shape[0]} frames, {len(w) / 24000:.2f} s audio, stop={res.stop_reason[i]}")
+        if res.stop_reason[i] == "budget":
+            why = "--max-new-frames" if args.max_new_frames is not None else "the default budget from the text length"
+            print(f"warning: {path}: stop=budget: no end of speech within {res.codes[i].shape[0]} frames ({why}); "
+                  "the audio may be cut short", file=sys.stderr)
     print(f"load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s, decode {time.time() - t2:.1f} s", file=sys.stderr)
     return 0
 

@@ -63,7 +63,53 @@ def _take(d: dict[str, Any], cls: type, where: str, ignored: frozenset[str] = fr
     missing = [k for k in required if k not in d and k not in given]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in d.items():
+        if k in fields:
+            _check_type(v, str(fields[k].type), f"{where}: {k}")
     return {k: v for k, v in d.items() if k in names}
+
+
+# Sizes and counts: a zero or negative value would fail deep inside torch (or build an empty model).
+_POSITIVE = ("size", "dim", "layers", "heads", "groups", "quantizers", "filters", "rate", "window")
+
+
+def _check_type(v: Any, ann: str, what: str) -> None:
+    """Raise ``ConfigError`` naming ``what`` if ``v`` does not fit the field annotation ``ann`` (a string under
+    ``from __future__ import annotations``: "int", "float | None", "list[int]", "dict[str, int]", ...).
+    Nested config classes are checked by their own ``_take``."""
+    kinds = [a.strip() for a in ann.split("|")]
+    if v is None:
+        if "None" in kinds:
+            return
+        raise ConfigError(f"{what} is null, expected {ann}")
+    for kind in kinds:
+        base = kind.split("[", 1)[0]
+        if base == "int" and isinstance(v, int) and not isinstance(v, bool):
+            if what.rsplit(": ", 1)[-1].endswith(_POSITIVE) and v < 1:
+                raise ConfigError(f"{what} = {v} must be >= 1")
+            return
+        if base == "float" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ConfigError(f"{what} = {v} is not a finite number")
+            return
+        if base == "bool" and isinstance(v, bool):
+            return
+        if base == "str" and isinstance(v, str):
+            return
+        if base == "dict" and isinstance(v, dict):
+            return
+        if base == "list" and isinstance(v, list):
+            inner = kind[5:-1] if kind.startswith("list[") else ""
+            for i, x in enumerate(v):
+                if inner:
+                    _check_type(x, inner, f"{what}[{i}]")
+            return
+        if base not in ("int", "float", "bool", "str", "dict", "list", "None", "Any"):
+            return  # a nested config (its own _take checks it)
+        if base == "Any":
+            return
+    raise ConfigError(f"{what} = {v!r} is a {type(v).__name__}, expected {ann}")
 
 
 @dataclass
@@ -170,7 +216,15 @@ class Qwen3TTSConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config.json") -> Qwen3TTSConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got a {type(d).__name__}")
         d = copy.deepcopy(d)
+        for key in ("talker_config", "speaker_encoder_config"):
+            if key in d and not isinstance(d[key], dict):
+                raise ConfigError(f"{where}: {key} must be an object, got a {type(d[key]).__name__}")
+        if isinstance(d.get("talker_config"), dict) and not isinstance(
+                d["talker_config"].get("code_predictor_config", {}), dict):
+            raise ConfigError(f"{where}: talker_config.code_predictor_config must be an object")
         if d.get("tokenizer_type", "qwen3_tts_tokenizer_12hz") != "qwen3_tts_tokenizer_12hz":
             raise ConfigError(f"{where}: tokenizer_type {d['tokenizer_type']!r} is not the 12 Hz tokenizer")
         if "talker_config" not in d:
@@ -297,6 +351,11 @@ class SpeechTokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "speech_tokenizer/config.json") -> SpeechTokenizerConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got a {type(d).__name__}")
+        for key in ("decoder_config", "encoder_config"):
+            if key in d and not isinstance(d[key], dict):
+                raise ConfigError(f"{where}: {key} must be an object, got a {type(d[key]).__name__}")
         if d.get("model_type", "qwen3_tts_tokenizer_12hz") != "qwen3_tts_tokenizer_12hz":
             raise ConfigError(f"{where}: model_type {d['model_type']!r} is not the 12 Hz speech tokenizer")
         for k in ("decoder_config", "encoder_config"):
@@ -328,8 +387,12 @@ def _read_json(path: Path) -> dict[str, Any]:
             return json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a JSON file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------- presets

@@ -14,7 +14,11 @@ row that never sampled EOS stops with reason ``"budget"``. Finished rows keep be
 with ``pad_token_id``, which is EOS here) so the batch stays aligned; their frames are discarded.
 
 Device discipline: all per-step state is preallocated on the model's device; the only host sync per frame is the
-"all rows finished?" check (HF does the same). Positions for left-padded rows continue at ``cache_len + delta``.
+"all rows finished?" check (HF does the same). The same read-back carries a NaN check of the newest margins
+(top1 - top2 of the talker's and the predictor's scores, already computed: NaN logits make NaN margins), so
+non-finite logits raise :class:`NonFiniteError` within a frame at the cost of a few tiny ops, no extra sync: no
+audio is made from nonsense. Without an explicit budget the model API caps frames by :func:`default_frame_budget`.
+Positions for left-padded rows continue at ``cache_len + delta``.
 
 Notation: B batch, L prompt length (padded), C talker hidden, G code groups (16), N token budget.
 """
@@ -31,6 +35,32 @@ from .layers import causal_mask
 from .prompt import BatchPrompt
 from .sampling import PredictorChooser, SamplingConfig, choose, margin, process_talker, suppress_mask
 from .talker import Talker, rope_positions, step_positions
+
+# Default frame budget when the caller gives none: 6 s plus 1.2 s per prompt text token (about 4x a slow speaking
+# rate: English and Chinese both run near 3 text tokens per second), capped by upstream's max_new_tokens. Upstream
+# has no such cap (2048 tokens, ~164 s of audio, whatever the text): a model that never emits EOS would then run for
+# minutes (hours at 1.7B on CPU). A run that hits it says ``stop=budget``.
+BUDGET_BASE_FRAMES = 75
+BUDGET_FRAMES_PER_TOKEN = 15
+
+
+def default_frame_budget(text_tokens: int) -> int:
+    """Frames allowed for a prompt text of ``text_tokens`` ids when no ``max_new_frames`` is given."""
+    return BUDGET_BASE_FRAMES + BUDGET_FRAMES_PER_TOKEN * max(int(text_tokens), 0)
+
+
+def check_frame_budget(max_new_frames: object, max_positions: int) -> int:
+    """``max_new_frames`` as an int in [1, max_positions - 1], or one ``ValueError`` line with the range."""
+    if isinstance(max_new_frames, bool) or not isinstance(max_new_frames, int):
+        raise ValueError(f"max_new_frames {max_new_frames!r} is not an integer")
+    if not 1 <= max_new_frames < max_positions:
+        raise ValueError(f"max_new_frames {max_new_frames} is out of range: must be in [1, {max_positions - 1}] "
+                         f"(the talker's max_position_embeddings is {max_positions})")
+    return max_new_frames
+
+
+class NonFiniteError(RuntimeError):
+    """Logits went NaN/Inf during generation (talker or code predictor): nothing of it may become audio."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +154,7 @@ class TalkerLoop:
         past_hidden = out.hidden[:, -1:]  # (B, 1, C)
         self._choose_token(out.logits[:, -1], past_hidden[:, 0])
         Lt = p.trailing.shape[1]
-        while self.n < self.N and not bool(self.finished.all()):  # the one host sync per frame
+        while self.n < self.N and not self._stop():  # the one host sync per frame
             k = self.n - 1  # frame index == upstream generation_step
             _set_tap_step(k + 1)
             tok = self.tokens[:, k]
@@ -142,6 +172,25 @@ class TalkerLoop:
             past_hidden = out.hidden[:, -1:]
             self._choose_token(out.logits[:, -1], past_hidden[:, 0])
         _set_tap_step(0)
+        if self.n >= self.N:
+            self._stop()  # the budget ended the loop: one last look at the newest margins
+
+    def _stop(self) -> bool:
+        """True when every row has finished; raises :class:`NonFiniteError` when the newest margins are NaN.
+
+        Margins rows ``n-2`` (the predictor's groups 1..15 of the frame just made) and ``n-1`` (the talker's
+        newest token) hold everything computed since the last check. A margin is NaN exactly when the scores
+        behind it are (top1 - top2 of real scores is finite, or +inf when only one candidate survives). One host
+        sync: both answers travel in one small int."""
+        newest = self.margins[:, max(self.n - 2, 0) : self.n]  # (B, <=2, G)
+        state = int(self.finished.all().int() + 2 * torch.isnan(newest).any().int())
+        if state & 2:
+            rows = torch.isnan(newest).flatten(1).any(1).nonzero().flatten().tolist()
+            raise NonFiniteError(
+                f"generation stopped at frame {self.n - 1}: non-finite (NaN/Inf) logits in item(s) {rows} "
+                "(talker or code predictor); the weights or the inputs (reference audio, xvector) hold NaN/Inf, "
+                "so no audio is made")
+        return bool(state & 1)
 
     def result(self) -> GenerationResult:
         n_frames = self.n - 1
@@ -158,8 +207,14 @@ class TalkerLoop:
 
 
 def generate(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
-             generator: torch.Generator | None = None, impl: str = "sdpa") -> GenerationResult:
-    """Run the loop to the end (see :class:`TalkerLoop`)."""
+             generator: torch.Generator | None = None, impl: str = "sdpa", fast: str | None = None) -> GenerationResult:
+    """Run the loop to the end (see :class:`TalkerLoop`). ``fast`` (greedy only): run the static decode step of
+    :mod:`impl.fast_decode` in that mode (``eager``, ``compile``, ``cudagraph``, ``compile-cudagraph``) instead;
+    same codes, proven equal in ``parity_tests/test_fast_decode.py``."""
+    if fast is not None:
+        from .fast_decode import generate_fast
+
+        return generate_fast(talker, prompt, settings, impl, fast)
     loop = TalkerLoop(talker, prompt, settings, generator, impl)
     for _ in loop:
         pass

@@ -1,5 +1,5 @@
 """Shared transformer pieces: RMSNorm, RoPE (1D and interleaved M-RoPE), attention, SwiGLU MLP, decoder layer,
-and the preallocated KV cache.
+and (re-exported from :mod:`impl.kv_cache`) the preallocated KV cache.
 
 The talker, the code predictor and the speech-tokenizer decoder's pre-transformer all use ``DecoderLayer`` /
 ``Attention`` from here; what differs between them is injected (QK-norm or not, the RoPE flavour, a sliding
@@ -11,12 +11,11 @@ C hidden size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kv_cache import KVCache
 from .taps import tap
 
 ATTN_IMPLS = ("eager", "sdpa")
@@ -117,46 +116,7 @@ def merge_mrope(t: torch.Tensor, sections: list[int], interleaved: bool) -> torc
     return torch.cat([c[i % n_rows] for i, c in enumerate(chunks)], dim=-1)
 
 
-# ------------------------------------------------------------------------------------------------ cache
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys/values for every layer: k, v (layers, B, K, S_max, D); ``length`` positions filled.
-
-    Passed into ``forward`` and advanced explicitly by the owner (``advance(T)`` after all layers ran), so a
-    prefill and a one-token step go through the same code.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-
-    @classmethod
-    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, K, T, D) at the current length; return all filled keys/values (B, K, length+T, D)."""
-        t = k.shape[2]
-        end = self.length + t
-        if end > self.capacity:
-            raise ValueError(f"KV cache full: {self.length} + {t} positions > capacity {self.capacity}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    def reset(self) -> None:
-        self.length = 0
+# ------------------------------------------------------------------------------------------------ masks
 
 
 def causal_mask(

@@ -22,9 +22,16 @@ import numpy as np
 import torch
 
 from .config import Qwen3TTSConfig
-from .generate import GenerationResult, GenerationSettings, TalkerLoop, generate
+from .generate import (
+    GenerationResult,
+    GenerationSettings,
+    TalkerLoop,
+    check_frame_budget,
+    default_frame_budget,
+    generate,
+)
 from .layers import check_attn_impl
-from .loading import CheckpointError, load_into, read_state_dict
+from .loading import CheckpointError, load_into, read_state_dict, weight_files
 from .prompt import (
     PromptError,
     PromptRequest,
@@ -36,7 +43,7 @@ from .prompt import (
     supported_languages,
     warn_dropped_instruct,
 )
-from .sampling import SamplingConfig, make_generator
+from .sampling import SamplingConfig, check_sampling_value, make_generator
 from .talker import Talker
 
 MODES = ("custom_voice", "voice_design", "voice_clone")
@@ -61,15 +68,102 @@ def _as_list(x: Any, n: int, name: str) -> list:
 
 def _check_top_level_keys(folder: Path) -> None:
     """Every weight key belongs to a part impl loads (``talker.*``, ``speaker_encoder.*``): none dropped silently."""
-    from safetensors import safe_open
-
-    from .loading import weight_files
+    from .loading import weight_files, weight_keys
 
     for f in weight_files(folder):
-        with safe_open(str(f), framework="pt") as sf:
-            stray = [k for k in sf.keys() if not k.startswith(("talker.", "speaker_encoder."))]
+        stray = [k for k in weight_keys(f) if not k.startswith(("talker.", "speaker_encoder."))]
         if stray:
             raise CheckpointError(f"{f}: unexpected key(s) {stray[:5]} (neither talker.* nor speaker_encoder.*)")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or one ``ValueError`` line saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available on this machine (use --device cpu)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: impl runs on cpu, cuda or mps")
+    return dev
+
+
+def read_generation_config(path: Path) -> dict:
+    """``generation_config.json`` (optional) as a dict; its sampling values are range-checked here, naming the file."""
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(d).__name__}")
+    for name in HARD_DEFAULTS:
+        if name in d:
+            check_sampling_value(name, d[name], f"{path}: ")
+    return d
+
+
+def check_texts(text: object) -> list[str]:
+    """A text or a non-empty list of texts -> list[str]; one ``ValueError`` line otherwise.
+
+    Text that cannot be UTF-8 (lone surrogates: what Python makes of undecodable bytes on a command line) is
+    refused here instead of failing inside the tokenizer."""
+    if isinstance(text, str):
+        texts = [text]
+    elif isinstance(text, (list, tuple)) and text:
+        texts = list(text)
+    else:
+        what = "an empty list" if isinstance(text, (list, tuple)) else type(text).__name__
+        raise ValueError(f"text must be a string or a non-empty list of strings, got {what}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"text item {i} is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise ValueError(f"text item {i} is empty")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text item {i} is not valid UTF-8 (undecodable character at position {e.start}: "
+                             f"{t[max(e.start - 10, 0):e.start]!r}…)") from None
+    return texts
+
+
+def _finite_chunk(chunk: torch.Tensor, frame: int) -> np.ndarray:
+    """A streamed chunk as float32 numpy; NaN/Inf audio raises instead of being played."""
+    w = chunk.float().cpu().numpy()
+    if not np.isfinite(w).all():
+        raise RuntimeError(f"streamed audio from frame {frame} holds NaN/Inf samples: the codec weights or codes "
+                           "are broken")
+    return w
+
+
+def _is_wav_pair(x: object) -> bool:
+    """True for one ``(wav, sr)`` reference: a 2-tuple whose second item is a number, the first an array."""
+    return (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float, np.integer))
+            and not isinstance(x[1], bool) and not isinstance(x[0], (str, Path)))
+
+
+def _check_xvector(x: object, i: int, size: int) -> torch.Tensor:
+    """A speaker embedding (C,) that is finite and of the talker's width; one line naming the item otherwise."""
+    t = torch.as_tensor(x)
+    if not t.is_floating_point():
+        raise ValueError(f"xvector (item {i}): dtype {t.dtype} is not floating point")
+    t = t.reshape(-1) if t.ndim == 2 and t.shape[0] == 1 else t
+    if t.ndim != 1 or t.shape[0] != size:
+        raise ValueError(f"xvector (item {i}): shape {tuple(t.shape)}, the talker expects ({size},)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"xvector (item {i}): holds NaN/Inf (a NaN reference clip or speaker encoder?)")
+    return t
 
 
 class Qwen3TTS:
@@ -92,8 +186,17 @@ class Qwen3TTS:
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a checkpoint folder (impl never downloads)")
+        device = resolve_device(device)  # before anything slow: a missing CUDA is the user's first mistake
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype")
         cfg = Qwen3TTSConfig.from_file(folder / "config.json")
-        device = torch.device(device)
+        # The codec is loaded on first use, but a folder without it is broken now: say so before any generation,
+        # naming the folder that is missing (not the top-level config.json the codec loader would fall back to).
+        st = folder / "speech_tokenizer"
+        if not (st / "config.json").is_file():
+            raise CheckpointError(f"{st / 'config.json'}: missing (a checkpoint folder needs speech_tokenizer/ "
+                                  "with config.json and model.safetensors)")
+        weight_files(st)  # raises naming speech_tokenizer/ when it holds no weights
         _check_top_level_keys(folder)
         with torch.device("meta"):  # no random init of weights the checkpoint replaces (seconds at 1.7B)
             talker = Talker(cfg.talker_config)
@@ -101,8 +204,7 @@ class Qwen3TTS:
         state = read_state_dict(folder, prefix="talker.", dtype=dtype, device=device)
         load_into(talker, state, str(folder / "model.safetensors"), prefix="talker.")
         talker.eval()
-        gen_path = folder / "generation_config.json"
-        gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        gen_cfg = read_generation_config(folder / "generation_config.json")
         tts = cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype, check_attn_impl(attn))
         # The codec stays fp32 by default whatever ``dtype`` is: upstream's codec overflows to NaN in bf16
         # (SnakeBeta's exp); bf16 remains selectable for measurement.
@@ -153,18 +255,31 @@ class Qwen3TTS:
 
     # -- settings --------------------------------------------------------------------------------------------
 
-    def settings(self, greedy: bool = False, max_new_frames: int | None = None, **sampling) -> GenerationSettings:
-        """Sampling settings with upstream's precedence: argument > generation_config.json > hard default."""
+    def settings(self, greedy: bool = False, max_new_frames: int | None = None, text_tokens: int | None = None,
+                 **sampling) -> GenerationSettings:
+        """Sampling settings with upstream's precedence: argument > generation_config.json > hard default.
+
+        Without ``max_new_frames`` the budget is upstream's ``max_new_tokens`` capped by
+        :func:`impl.generate.default_frame_budget` of ``text_tokens`` (the longest text's prompt ids), so a model
+        that never emits EOS stops after a time proportional to the text (stop reason ``budget``)."""
         unknown = set(sampling) - set(HARD_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown sampling argument(s) {sorted(unknown)}; known: {sorted(HARD_DEFAULTS)}")
+        for name, value in sampling.items():
+            if value is not None:
+                check_sampling_value(name, value)
 
         def pick(name: str):
             if sampling.get(name) is not None:
                 return sampling[name]
             return self.generation_config.get(name, HARD_DEFAULTS[name])
 
-        n_tok = pick("max_new_tokens") if max_new_frames is None else int(max_new_frames) + 1
+        if max_new_frames is None:
+            n_tok = int(pick("max_new_tokens"))
+            if text_tokens is not None:
+                n_tok = min(n_tok, default_frame_budget(text_tokens) + 1)
+        else:
+            n_tok = check_frame_budget(max_new_frames, self.config.talker_config.max_position_embeddings) + 1
         talker = SamplingConfig(do_sample=False if greedy else bool(pick("do_sample")),
                                 temperature=float(pick("temperature")), top_k=pick("top_k"),
                                 top_p=float(pick("top_p")), repetition_penalty=float(pick("repetition_penalty")),
@@ -191,7 +306,7 @@ class Qwen3TTS:
         if (mode == "voice_clone") != (self.config.tts_model_type == "base") or (
                 mode != "voice_clone" and mode != self.config.tts_model_type):
             raise ValueError(f"a {self.config.tts_model_type!r} checkpoint does not serve mode {mode!r}")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = check_texts(text)
         n = len(texts)
         langs = _as_list(language if language is not None else "auto", n, "languages")
         for lang in langs:
@@ -210,12 +325,22 @@ class Qwen3TTS:
         if mode == "custom_voice":
             for r, spk in zip(reqs, _as_list(speaker, n, "speakers")):
                 r.speaker = spk or None
+        elif any(_as_list(speaker, n, "speakers")):  # upstream's other wrappers take no speaker: never drop one
+            raise ValueError(f"mode {mode!r} takes no speaker, but got {speaker!r} (speakers are custom_voice's)")
         elif mode == "voice_clone":
             self._voice_clone_requests(reqs, ref_audio, ref_text, x_vector_only, xvector, ref_codes)
+        if mode != "voice_clone":
+            given = [k for k, v in (("ref_audio", ref_audio), ("ref_text", ref_text), ("x_vector_only", x_vector_only),
+                                    ("xvector", xvector), ("ref_codes", ref_codes)) if v is not None and v is not False]
+            if given:  # upstream's custom_voice/voice_design wrappers take no reference: never drop one silently
+                raise ValueError(f"mode {mode!r} takes no reference, but got {', '.join(given)} (voice_clone on a "
+                                 "Base checkpoint uses them)")
         return reqs
 
     def _voice_clone_requests(self, reqs, ref_audio, ref_text_, x_vector_only, xvector, ref_codes) -> None:
         n = len(reqs)
+        if _is_wav_pair(ref_audio):
+            ref_audio = [ref_audio]  # the documented (wav, sr) form is one reference, not a batch of two
         xvo = _as_list(x_vector_only, n, "x_vector_only flags")
         rtexts = _as_list(ref_text_, n, "ref_texts")
         if xvector is None:
@@ -230,7 +355,7 @@ class Qwen3TTS:
                 ref_codes = [self.encode_reference(a) for a in _as_list(ref_audio, n, "ref_audio")]
             rcodes = _as_list(ref_codes if isinstance(ref_codes, (list, tuple)) else [ref_codes], n, "ref_codes")
         for i, r in enumerate(reqs):
-            r.xvector = torch.as_tensor(xvecs[i])
+            r.xvector = _check_xvector(xvecs[i], i, self.talker.cfg.hidden_size)
             if not xvo[i]:
                 if not rtexts[i]:
                     raise PromptError(f"ref_text is required for ICL voice clone (item {i}); or x_vector_only=True")
@@ -270,9 +395,11 @@ class Qwen3TTS:
                        max_new_frames: int | None = None, xvector=None, ref_codes=None,
                        **sampling) -> GenerationResult:
         """Codes (F_i, 16) per text, with talker hidden states, stop reasons and per-decision margins."""
+        settings = self.settings(greedy, max_new_frames, **sampling)  # cheap checks before the prompt work
         reqs = self.requests(text, mode, speaker, language, instruct, ref_audio, ref_text, x_vector_only,
                              non_streaming_text, xvector, ref_codes)
-        settings = self.settings(greedy, max_new_frames, **sampling)
+        if max_new_frames is None:
+            settings = self.settings(greedy, None, max(len(r.input_ids) for r in reqs), **sampling)
         prompt = build(self.talker, self.config, reqs)
         res = generate(self.talker, prompt, settings, make_generator(seed, self.device), self.attn)
         res.ref_codes = [r.ref_codes for r in reqs]
@@ -289,6 +416,9 @@ class Qwen3TTS:
         out = []
         for i, w in enumerate(wavs):
             w = np.asarray(w, dtype=np.float32)
+            if not np.isfinite(w).all():  # never hand back (or write) a NaN waveform
+                raise RuntimeError(f"decoded audio of item {i} holds {int((~np.isfinite(w)).sum())} NaN/Inf samples "
+                                   f"of {len(w)}: the codec weights or the codes are broken")
             ref = result.ref_codes[i] if result.ref_codes else None
             if ref is not None:
                 w = w[int(ref.shape[0] / max(seqs[i].shape[0], 1) * w.shape[0]):]
@@ -313,12 +443,16 @@ class Qwen3TTS:
         from .codec.streaming import DecoderStream
 
         if not isinstance(text, str):
-            raise ValueError("stream() takes one text")
+            raise ValueError(f"stream() takes one text (a str), got {type(text).__name__}")
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames {chunk_frames!r} must be an integer >= 1")
         greedy, seed = kwargs.pop("greedy", False), kwargs.pop("seed", None)
         max_new_frames = kwargs.pop("max_new_frames", None)
         sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in HARD_DEFAULTS}
-        reqs = self.requests(text, **kwargs)
         settings = self.settings(greedy, max_new_frames, **sampling)
+        reqs = self.requests(text, **kwargs)
+        if max_new_frames is None:
+            settings = self.settings(greedy, None, len(reqs[0].input_ids), **sampling)
         prompt = build(self.talker, self.config, reqs)
         loop = TalkerLoop(self.talker, prompt, settings, make_generator(seed, self.device), self.attn)
         dec = DecoderStream(self.codec.decoder)
@@ -328,7 +462,7 @@ class Qwen3TTS:
         for k in loop:
             end = k + 1
             if end - start >= chunk_frames:
-                yield dec.push(loop.frames[0, start:end].to(self.codec.device))[0].float().cpu().numpy()
+                yield _finite_chunk(dec.push(loop.frames[0, start:end].to(self.codec.device))[0], start)
                 start = end
         if end > start:
-            yield dec.push(loop.frames[0, start:end].to(self.codec.device))[0].float().cpu().numpy()
+            yield _finite_chunk(dec.push(loop.frames[0, start:end].to(self.codec.device))[0], start)

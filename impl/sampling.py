@@ -18,6 +18,7 @@ logits before the processors). Every function here takes and returns (B, V) tens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,44 @@ def process_talker(scores: torch.Tensor, cfg: SamplingConfig, prev_ids: torch.Te
         scores = min_new_tokens(scores, n_generated, cfg.min_new_tokens, eos)
     scores = suppress(scores, mask)
     return warp(scores, cfg)
+
+
+# name -> (kind, test, the valid range in words). Checked once, where a value enters (argument or
+# generation_config.json), so a bad one fails before any generation with the range in the message.
+# Upstream (HF 4.57.3) differs at two edges, on purpose here: HF accepts top_p = 0 (it then keeps only the top
+# token, i.e. greedy) and treats top_k = 0 as "off"; we keep top_k = 0 as off but refuse top_p = 0 (say greedy).
+_RANGES: dict[str, tuple[str, object, str]] = {
+    "temperature": ("number", lambda v: v > 0, "> 0 (use greedy for argmax)"),
+    "subtalker_temperature": ("number", lambda v: v > 0, "> 0 (use greedy for argmax)"),
+    "top_p": ("number", lambda v: 0 < v <= 1, "in (0, 1]"),
+    "subtalker_top_p": ("number", lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": ("int", lambda v: v >= 0, ">= 0 (0 turns top-k off)"),
+    "subtalker_top_k": ("int", lambda v: v >= 0, ">= 0 (0 turns top-k off)"),
+    "repetition_penalty": ("number", lambda v: v > 0, "> 0 (1 turns it off)"),
+    "max_new_tokens": ("int", lambda v: v >= 2, ">= 2 (one frame needs two sampled tokens)"),
+    "do_sample": ("bool", lambda v: True, "true or false"),
+    "subtalker_dosample": ("bool", lambda v: True, "true or false"),
+}
+
+
+def check_sampling_value(name: str, value: object, where: str = "") -> None:
+    """Raise one ``ValueError`` line (prefixed by ``where``, e.g. a file) if ``value`` is not valid for ``name``.
+
+    ``None`` passes for top_k (HF: off)."""
+    if name not in _RANGES:
+        return
+    kind, ok, words = _RANGES[name]
+    if value is None and name.endswith("top_k"):
+        return
+    if kind == "bool":
+        good_type = isinstance(value, bool)
+    elif kind == "int":
+        good_type = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        good_type = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not good_type or not ok(value):
+        raise ValueError(f"{where}{name} {value!r} is not valid: must be {'an integer ' if kind == 'int' else ''}"
+                         f"{words}")
 
 
 def margin(scores: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from impl.codec.streaming import DecoderStream, split_frames
 
-from .test_codec_decoder import VARIANT, load_codec, upstream_codec
+from .helpers_codec import VARIANT, load_codec, upstream_codec
 
 pytestmark = pytest.mark.benchmark
 FRAMES = 100  # 8 s of audio: one chunk of upstream's 300-frame chunked decode

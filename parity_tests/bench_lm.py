@@ -24,7 +24,7 @@ from impl.prompt import build
 from impl.sampling import PredictorChooser, SamplingConfig
 from impl.talker import rope_positions
 
-from .test_generate import load_model, requests_from_ref
+from .helpers import load_model, requests_from_ref
 
 pytestmark = pytest.mark.benchmark
 FRAMES = 30

@@ -10,27 +10,37 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reports.compare import CompareResult, compare
+from reports.compare import CompareResult, compare, tier_for
 
 
 @dataclass(frozen=True)
 class Row:
+    """A parity row: a name, the taps it compares (or, for rows computed by a component's own driver, the modules
+    it drives), its tier, and per-tap tier overrides keyed by glob (``reports.compare.tier_for``; give the reason
+    where the row is defined). One type for every component."""
+
     name: str
     taps: tuple[str, ...]
     tier: str
-    overrides: dict[str, str] = field(default_factory=dict)  # tap -> tier (with a reason in the row table)
+    overrides: dict[str, str] = field(default_factory=dict)  # tap glob -> tier
+    driver: str = "taps"  # "taps": compare_row over ``taps``; else how the component computes it (codec decoder)
+    modules: tuple[str, ...] = ()  # module paths a driver feeds one by one (codec decoder "fed" rows)
+
+    def tier_of(self, tap: str) -> str:
+        return tier_for(tap, self.tier, self.overrides).name
 
 
 def missing(name: str, where: str, tier: str) -> CompareResult:
     r = CompareResult(name, tier, False, [], [], "")
     r.message = f"{name}: not recorded by {where} (a missing tap is a failure)"
+    r.judged_by = "missing tap"
     return r
 
 
 def compare_row(row: Row, got: dict[str, torch.Tensor], ref, step: int | None = None) -> list[CompareResult]:
     out = []
     for name in row.taps:
-        tier = row.overrides.get(name, row.tier)
+        tier = row.tier_of(name)
         if not ref.has(name):
             out.append(missing(name, f"the reference {ref.path.name}", tier))
             continue

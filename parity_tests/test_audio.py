@@ -16,6 +16,7 @@ import torch
 
 from impl.audio import AudioTooShortError, load_audio, load_reference_audio, resample, to_mono
 from reports.compare import compare_exact
+from reports.results import LIBROSA
 
 librosa = pytest.importorskip("librosa")
 sf = pytest.importorskip("soundfile")
@@ -41,7 +42,7 @@ def test_resampler_matches_librosa(sr, record):
     r.extra["max_abs_diff"] = float(np.abs(ours.astype(np.float64) - ref).max()) if ours.shape == ref.shape else None
     r.extra["n_out"] = int(ours.shape[0])
     record(r, row="Resampler (soxr HQ vs librosa.resample)", component="Audio intake",
-           notes=f"{sr} Hz, {y.size} samples -> {ours.size}; max |diff| {r.extra['max_abs_diff']}")
+           notes=f"{sr} Hz, {y.size} samples -> {ours.size}; max |diff| {r.extra['max_abs_diff']}", compares=LIBROSA)
     assert ours.dtype == np.float32 and ours.size == math.ceil(y.size * 24000 / sr)
     assert r, r.message
 
@@ -63,7 +64,7 @@ def test_file_intake_matches_librosa(tmp_path, record):
     r2 = compare_exact("load + mono + resample to 24 kHz", torch.from_numpy(ours), torch.from_numpy(ref),
                        axes=("sample",))
     for r in (r1, r2):
-        record(r, row="Audio intake", component="Audio intake", notes="stereo 44.1 kHz PCM_16 wav")
+        record(r, row="Audio intake", component="Audio intake", notes="stereo 44.1 kHz PCM_16 wav", compares=LIBROSA)
     assert sr == ref_sr == 44100
     assert r1 and r2, f"{r1.message} | {r2.message}"
 

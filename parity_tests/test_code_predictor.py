@@ -18,22 +18,11 @@ import torch
 from impl.sampling import PredictorChooser, SamplingConfig
 from impl.taps import recording
 from reports.compare import compare
+from reports.results import OURS
 
-from .test_generate import load_model
+from .helpers import load_model, teacher_run
 
 VARIANTS = [pytest.param("base", id="base-linear-mtp"), pytest.param("custom_voice", id="custom_voice-identity-mtp")]
-
-
-def teacher_run(tts, ref, dtype=torch.float32):
-    """impl's teacher-forced predictor on the case inputs -> {tap: tensor}."""
-    t = tts.talker
-    dev = tts.device
-    hidden = ref.input("hidden").to(dev, dtype)
-    codes = ref.input("codes").to(dev)
-    with torch.inference_mode(), recording(t, prefix="talker") as rec:
-        c0 = t.embed_codec(codes[:, :1])
-        t.code_predictor.forward_teacher(hidden, codes, c0, impl=tts.attn)
-    return {k: v[0] for k, v in rec.records.items()}
 
 
 def teacher_taps(ref) -> list[str]:
@@ -80,7 +69,8 @@ def test_generation_matches_teacher_forcing(variant, checkpoint_dir, device, att
     gen_logits = torch.stack([rec.records[f"talker.code_predictor.lm_head.{j}:out"][0] for j in range(15)], 1)
     assert torch.equal(f1.codes, f2.codes) and torch.equal(teacher.argmax(-1), f1.codes)
     r = compare("talker.code_predictor:logits (cached generation vs teacher-forced)", gen_logits, teacher, "stack")
-    record(r, row="Code predictor (generation vs teacher-forced)", component="Code predictor", variant=variant)
+    record(r, row="Code predictor (generation vs teacher-forced)", component="Code predictor", variant=variant,
+           compares=OURS)
     assert r, r.message
 
 

@@ -14,129 +14,23 @@ How each row is driven (``DRIVERS``):
 - ``chunked``: our ``SpeechTokenizer.decode`` (upstream's user-facing path: 300-frame chunks, 25 frames of
   recomputed context, -1 padding cut) against upstream ``decode()``, with exact lengths.
 
-The codec is the same in every variant's folder (weights are drawn per key from the seed), so one variant runs.
+The codec code path does not depend on the variant, so one variant (base) runs; each variant's folder holds its own
+codec weights (synthetic weights are drawn per preset and variant).
 ``row_results`` recomputes a row from scratch: the mutation tests re-run it on a patched ``impl``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from impl.codec import SpeechTokenizer
-from impl.taps import recording
-from reference_export.cases.codec_decoder import OP_MODULES, D, decoder_blocks, pre_transformer_taps
-from reports.compare import CompareResult, compare, compare_exact
+from reference_export.cases.codec_decoder import D
+from reports.compare import compare
 
-from .rows import assert_row, missing
-
-VARIANT = "base"
-COMPONENT = "Codec decoder"
-
-
-@dataclass(frozen=True)
-class CodecRow:
-    name: str
-    driver: str  # fed | quantizer | pre_transformer | full | chunked
-    tier: str
-    modules: tuple[str, ...] = ()  # fed rows: decoder-relative module paths
-
-
-def rows(st_cfg: dict) -> list[CodecRow]:
-    return [
-        CodecRow("Quantizer decode", "quantizer", "op"),
-        CodecRow("Causal Conv1d", "fed", "op", tuple(OP_MODULES["conv"])),
-        CodecRow("SnakeBeta", "fed", "op", tuple(OP_MODULES["snake"])),
-        CodecRow("CausalTransConv1d", "fed", "op", tuple(OP_MODULES["transconv"])),
-        CodecRow("ConvNeXtBlock", "fed", "block", tuple(OP_MODULES["convnext"])),
-        CodecRow("ResidualUnit", "fed", "block", tuple(OP_MODULES["resunit"])),
-        CodecRow("DecoderBlock", "fed", "block", tuple(decoder_blocks(st_cfg))),
-        CodecRow("Pre-transformer", "pre_transformer", "block"),
-        CodecRow("Full decoder", "full", "stack"),
-        CodecRow("Chunked decode", "chunked", "stack"),
-    ]
-
-
-ROW_NAMES = [r.name for r in rows({"decoder_config": {"upsample_rates": [8, 5, 4, 3]}})]
-# Stage boundaries judged at the stack tier. Not the audio-rate block outputs: on the synthetic checkpoint they
-# reach ~500, where fp32 rounding alone (sdpa vs eager: 0.047 at decoder.4) exceeds an elementwise atol of 1e-4;
-# the DecoderBlock row judges those blocks on upstream's own inputs instead.
-FULL_TAPS = (f"{D}.pre_transformer.output_proj:out", f"{D}.upsample.1.1:out", f"{D}:out")
-
-
-def load_codec(ckpt, device: str = "cpu", attn: str = "eager", dtype: torch.dtype = torch.float32) -> SpeechTokenizer:
-    """Our decoder from the checkpoint folder (decoder only: these tests do not depend on the encoder)."""
-    return SpeechTokenizer.from_dir(ckpt, device=device, dtype=dtype, attn=attn, encoder=False)
-
-
-def _y(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out  # Streamed(y, state) or a plain tensor (SnakeBeta)
-
-
-def _cmp(name: str, got: torch.Tensor, ref, tier: str) -> CompareResult:
-    if not ref.has(name):
-        return missing(name, f"the reference {ref.path.name}", tier)
-    return compare(name, got.float().cpu(), ref.tap(name).float(), tier)
-
-
-@torch.no_grad()
-def row_results(row: CodecRow, codec: SpeechTokenizer, ref, attn: str, chunked_ref=None) -> list[CompareResult]:
-    """Compute row ``row`` afresh with ``codec`` against the reference file(s)."""
-    dec = codec.decoder
-    dev = codec.device
-    out: list[CompareResult] = []
-    if row.driver == "fed":
-        for path in row.modules:
-            name_in, name_out = f"{D}.{path}:in", f"{D}.{path}:out"
-            if not ref.has(name_in):
-                out.append(missing(name_in, f"the reference {ref.path.name}", row.tier))
-                continue
-            got = _y(dec.get_submodule(path)(ref.tap(name_in).to(dev)))
-            out.append(_cmp(name_out, got, ref, row.tier))
-    elif row.driver == "quantizer":
-        codes = ref.input("codes_bqf").to(dev)
-        with recording(dec.quantizer, prefix=f"{D}.quantizer") as rec:
-            latent = dec.quantizer(codes)
-        for half in ("rvq_first", "rvq_rest"):
-            name = f"{D}.quantizer.{half}.output_proj:out"
-            got = rec.records.get(name)
-            out.append(missing(name, "impl", row.tier) if got is None else _cmp(name, got[0], ref, row.tier))
-        out.append(_cmp(f"{D}.pre_conv:in", latent, ref, row.tier))  # upstream's dequantised latent
-    elif row.driver == "pre_transformer":
-        pt = dec.pre_transformer
-        with recording(pt, prefix=f"{D}.pre_transformer") as rec:
-            pt(ref.tap(f"{D}.pre_transformer.input_proj:in").to(dev))
-        n_layers = codec.cfg.decoder_config.num_hidden_layers
-        for name in pre_transformer_taps({"decoder_config": {"num_hidden_layers": n_layers}})[1:]:
-            if name.endswith(":attn_probs") and attn != "eager":
-                continue  # probabilities exist only on the eager path
-            got = rec.records.get(name)
-            out.append(missing(name, "impl", row.tier) if got is None else _cmp(name, got[0], ref, row.tier))
-    elif row.driver == "full":
-        with recording(dec, prefix=D, include=FULL_TAPS) as rec:
-            wav = dec(ref.input("codes_bqf").to(dev))
-        for name in FULL_TAPS[:-1]:
-            got = rec.records.get(name)
-            out.append(missing(name, "impl", row.tier) if got is None else _cmp(name, got[0], ref, row.tier))
-        out.append(_cmp(f"{D}:out", wav, ref, row.tier))
-    elif row.driver == "chunked":
-        if chunked_ref is None:
-            raise ValueError("the Chunked decode row needs the codec_chunked_decode reference")
-        codes = chunked_ref.input("audio_codes")  # (B, F, Q), -1 padded
-        ours = codec.decode(codes)
-        theirs = chunked_ref.tap_steps("speech_tokenizer:decode")
-        out.append(compare_exact("speech_tokenizer:decode (lengths)", torch.tensor([len(w) for w in ours]),
-                                 torch.tensor([len(w) for w in theirs])))
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            out.append(compare(f"speech_tokenizer:decode[{i}]", torch.from_numpy(a), b.float(), row.tier))
-    else:
-        raise ValueError(f"unknown driver {row.driver!r}")
-    if not out:
-        raise AssertionError(f"row {row.name!r} compares nothing")
-    return out
+from .helpers_codec import COMPONENT, ROW_NAMES, VARIANT, load_codec, row_results, rows, upstream_codec
+from .rows import assert_row
 
 
 @pytest.fixture(scope="module")
@@ -204,22 +98,6 @@ def test_decode_accepts_upstream_input_forms(codec_env):
     assert listed[0].dtype.name == "float32"
     # Under 300 frames the chunked decode is a single one-shot chunk: decode() == decode_oneshot() exactly.
     assert (codec.decode_oneshot(b) == single[0]).all()
-
-
-def upstream_codec(ckpt, dtype: torch.dtype, attn: str = "eager"):
-    """Upstream's ``Qwen3TTSTokenizerV2Model`` alone (no TTS model), weights loaded strictly, in ``dtype``."""
-    from safetensors.torch import load_file
-    from transformers.modeling_utils import no_init_weights
-
-    from reference_export.upstream import import_upstream, upstream_config_dict
-
-    up = import_upstream()
-    st_cfg = json.loads((ckpt / "speech_tokenizer" / "config.json").read_text())
-    with no_init_weights():
-        tok = up.T.Qwen3TTSTokenizerV2Model(up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg)))
-    tok.load_state_dict(load_file(str(ckpt / "speech_tokenizer" / "model.safetensors")), strict=True)
-    tok.set_attn_implementation(attn)
-    return tok.to(dtype).eval()
 
 
 def test_full_decoder_bf16_referee(checkpoint_dir, codec_env, device, attn, record):

@@ -20,47 +20,27 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from impl.codec.encoder import CodecEncoder
-from impl.config import SpeechTokenizerConfig
-from impl.loading import load_into, read_state_dict
-from impl.taps import recording, set_tap_paths
-from reports.compare import CompareResult, compare, compare_exact
+from reports.compare import compare
 
+from .helpers_codec import (
+    ENC,
+    ENCODER_CASE,
+    build_encoder,
+    codes_results,
+    run_end_to_end,
+    seanet_results,
+    transformer_results,
+)
 from .rows import assert_row
 
-ENC = "speech_tokenizer.encoder"
-CASE = {"sdpa": "codec_encoder", "eager": "codec_encoder_eager"}
+CASE = ENCODER_CASE
 ATTNS = [pytest.param("sdpa", id="sdpa"), pytest.param("eager", id="eager")]
-
-
-def build_encoder(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  attn: str = "sdpa") -> CodecEncoder:
-    """impl's codec encoder from a checkpoint folder (keys ``encoder.*`` of speech_tokenizer/model.safetensors)."""
-    folder = ckpt / "speech_tokenizer"
-    cfg = SpeechTokenizerConfig.from_file(folder / "config.json")
-    enc = CodecEncoder(cfg.encoder_config, cfg.encoder_valid_num_quantizers, attn=attn)
-    load_into(enc, read_state_dict(folder, "encoder."), str(folder / "model.safetensors"), "encoder.")
-    set_tap_paths(enc, ENC)
-    return enc.to(device=device, dtype=dtype).eval()
-
-
-def run_end_to_end(enc: CodecEncoder, ref, attn: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """impl on the reference's audio: ({tap: tensor}, per-item trimmed codes)."""
-    dev = next(enc.parameters()).device
-    audio, mask = ref.input("audio").to(dev), ref.input("padding_mask").to(dev)
-    with recording(enc, ENC) as rec, torch.no_grad():
-        out = enc(audio, mask, attn=attn)
-    got = {k: v[0] for k, v in rec.records.items()}
-    items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
-    return got, items
-
 
 @pytest.fixture(scope="module")
 def runs(checkpoint_dir, reference, device):
@@ -75,65 +55,6 @@ def runs(checkpoint_dir, reference, device):
         return cache[key]
 
     return get
-
-
-# ------------------------------------------------------------------------------------------ row checks
-
-
-def seanet_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor]) -> list[CompareResult]:
-    """Each SEANet layer on upstream's recorded input, then the whole stack end to end."""
-    dev = next(enc.parameters()).device
-    out = []
-    x = ref.input("audio")[:, None]  # (B, 1, T): the first layer's input
-    with torch.no_grad():
-        for i, layer in enumerate(enc.encoder.layers):
-            name = f"{ENC}.encoder.layers.{i}:out"
-            y = layer(x.to(dev))
-            tier = "block" if type(layer).__name__ == "ResnetBlock" else "op"
-            r = ref.tap(name)
-            out.append(compare(name, y, r, tier))
-            x = r  # next layer starts from upstream's output, not ours
-    name = f"{ENC}.encoder:out"
-    out.append(compare(name + " (stack, from audio)", got[name], ref.tap(name), "stack"))
-    return out
-
-
-LAYER_POINTS = ("input_layernorm:out", "self_attn:q_rope", "self_attn:k_rope", "self_attn:out",
-                "self_attn_layer_scale:out", "post_attention_layernorm:out", "mlp:out", ":out")
-
-
-def transformer_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor], attn: str) -> list[CompareResult]:
-    """Each transformer layer on upstream's recorded input (all its internal taps), then the stack end to end."""
-    dev = next(enc.parameters()).device
-    tr = enc.encoder_transformer
-    x = ref.tap(f"{ENC}.encoder:out").transpose(1, 2).to(dev)  # (B, T25, C): layer 0's input
-    B, T, _ = x.shape
-    out = []
-    cos, sin = tr.rotary_emb(x, torch.arange(T, device=dev)[None])
-    mask = tr.attention_mask(T, x.dtype, x.device, attn, enc.resolved_window_mode(attn))
-    for i, layer in enumerate(tr.layers):
-        base = f"{ENC}.encoder_transformer.layers.{i}"
-        with recording(enc, ENC) as rec, torch.no_grad():
-            layer(x, cos, sin, mask, attn)
-        for p in LAYER_POINTS:
-            name = f"{base}{p}" if p.startswith(":") else f"{base}.{p}"
-            out.append(compare(name, rec.records[name][0], ref.tap(name), "block"))
-        x = ref.tap(f"{base}:out").to(dev)
-    last = f"{ENC}.encoder_transformer.layers.{len(tr.layers) - 1}:out"
-    out.append(compare(last + " (stack, from audio)", got[last], ref.tap(last), "stack"))
-    return out
-
-
-def codes_results(ref, got: dict[str, torch.Tensor], items: list[torch.Tensor]) -> list[CompareResult]:
-    out = [compare(n, got[n], ref.tap(n), "stack") for n in (
-        f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
-        f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")]
-    name = f"{ENC}.quantizer:codes"
-    out.append(compare_exact(name, got[name], ref.tap(name), axes=("batch", "codebook", "frame")))
-    for i, c in enumerate(items):
-        name = f"speech_tokenizer:codes_{i}"
-        out.append(compare_exact(name, c, ref.tap(name), axes=("frame", "codebook")))
-    return out
 
 
 # ------------------------------------------------------------------------------------------ parity rows

@@ -28,7 +28,7 @@ from impl.codec.decoder import PreTransformer
 from impl.config import SpeechTokenizerConfig, preset_config_dicts
 from reports.compare import compare
 
-from .test_codec_decoder import VARIANT, load_codec
+from .helpers_codec import VARIANT, load_codec
 
 EXACT64 = 1e-10  # fp64 streaming vs one-shot: only summation-order rounding remains
 FAST = dict(deadline=None, derandomize=True, max_examples=25,

@@ -32,9 +32,10 @@ from hypothesis import strategies as st
 from impl.codec.streaming import DecoderStream, split_frames
 from reference_export.cases.codec_decoder import D
 from reports.compare import compare
+from reports.results import OURS
 
+from .helpers_codec import COMPONENT, VARIANT, load_codec
 from .rows import assert_row
-from .test_codec_decoder import COMPONENT, VARIANT, load_codec
 
 SCHEDULES = {
     "1 frame at a time": [1],
@@ -111,7 +112,7 @@ def test_streaming_fp32_any_chunking_stack(schedule: list[int], stream_env, reco
     got = stream_decode(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp32 streamed {schedule} vs fp32 one-shot", got, oneshot32, "stack")
     record(r, row="Streaming = one-shot, any chunking (fp32)", component=COMPONENT, variant=VARIANT,
-           notes="hypothesis chunk schedules incl. 1 frame at a time; ours streamed vs ours one-shot")
+           notes="hypothesis chunk schedules incl. 1 frame at a time; ours streamed vs ours one-shot", compares=OURS)
     assert r, r.message
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,3 +93,12 @@ def test_tier_overrides_by_glob():
     assert tier_for("talker.model.layers.3:out", "op", ov).name == "stack"
     assert tier_for("x.attn_probs", "op", ov).name == "block"
     assert tier_for("other", "op", ov).name == "op"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_exact_tier_fails_on_nan_and_inf_even_when_both_sides_agree(bad):
+    """NaN/Inf is a failure in every tier: NaN == NaN (or inf == inf) on both sides is no evidence of parity."""
+    t = torch.tensor([1.0, bad, 3.0])
+    for r in (compare_exact("x", t, t.clone()), compare("x", t, t.clone(), "exact")):
+        assert not r and "non-finite" in r.message
+    assert compare_exact("ids", torch.tensor([1, 2]), torch.tensor([1, 2]))  # integers: no NaN to worry about

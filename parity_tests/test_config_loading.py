@@ -66,15 +66,15 @@ def test_upstream_serialised_config_parses():
 
 def test_loader_errors_name_file_key_and_shapes(tmp_path):
     lin = torch.nn.Linear(3, 2)
-    save_file({"m.weight": torch.zeros(2, 3), "m.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"m.weight": torch.ones(2, 3), "m.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
-    save_file({"m.weight": torch.zeros(2, 4), "m.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"m.weight": torch.ones(2, 4), "m.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"f: key m.weight has shape \(2, 4\), model expects \(2, 3\)"):
         load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
-    save_file({"m.weight": torch.zeros(2, 3)}, str(tmp_path / "model.safetensors"))
+    save_file({"m.weight": torch.ones(2, 3)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing key\(s\) \[m.bias\]"):
         load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")
-    save_file({"m.weight": torch.zeros(2, 3), "m.bias": torch.zeros(2), "m.extra": torch.zeros(1)},
+    save_file({"m.weight": torch.ones(2, 3), "m.bias": torch.zeros(2), "m.extra": torch.zeros(1)},
               str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected key\(s\) \[m.extra\]"):
         load_into(lin, read_state_dict(tmp_path, "m."), "f", "m.")

@@ -16,118 +16,16 @@ and runs its own prompt building and loop. Rows:
 
 from __future__ import annotations
 
-import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from impl.generate import GenerationSettings, generate
-from impl.model import Qwen3TTS
-from impl.prompt import PromptRequest, build
-from impl.sampling import make_generator
-from impl.taps import recording
 from reference_export.cases.lm import MODES, gen_case_name
-from reports.compare import CompareResult, compare, compare_exact
+from reports.compare import CompareResult, compare
+from reports.results import FORMULA, OURS
 
-GEN_CASES = [pytest.param(m, nsm, id=f"{m}-{'nonstream' if nsm else 'stream'}") for m in MODES for nsm in (False, True)]
-TEXT_NAME = {False: "streaming text", True: "non-streaming text"}
-MODE_NAME = {"custom_voice": "custom_voice", "voice_design": "voice_design", "xvec": "voice_clone x-vector",
-             "icl": "voice_clone ICL"}
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-_MODELS: dict[tuple, Qwen3TTS] = {}
-
-
-def load_model(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "eager") -> Qwen3TTS:
-    key = (str(ckpt), device, dtype, attn)
-    if key not in _MODELS:
-        if len(_MODELS) > 4:
-            _MODELS.clear()
-        _MODELS[key] = Qwen3TTS.from_pretrained(ckpt, device=device, dtype=dtype, attn=attn)
-    return _MODELS[key]
-
-
-def requests_from_ref(ref) -> list[PromptRequest]:
-    """The case's batch as impl requests: stored ids, settings, and upstream's recorded x-vectors / ref codes."""
-    s = ref.case
-    names = set(ref.inputs())
-    n = len(s["texts"])
-    reqs = []
-    for i in range(n):
-        r = PromptRequest(ref.input(f"text_ids_{i}").tolist(), language=s["languages"][i],
-                          non_streaming=bool(s["non_streaming"]))
-        if f"instruct_ids_{i}" in names:
-            r.instruct_ids = ref.input(f"instruct_ids_{i}").tolist()
-        if s.get("speakers"):
-            r.speaker = s["speakers"][i]
-        if ref.has("generate:xvector"):
-            r.xvector = ref.tap_steps("generate:xvector")[i]
-            if s.get("icl"):
-                r.ref_ids = ref.input(f"ref_ids_{i}").tolist()
-                r.ref_codes = ref.tap_steps("generate:ref_codes")[i].long()
-        reqs.append(r)
-    return reqs
-
-
-def settings_from_ref(tts: Qwen3TTS, ref) -> tuple[GenerationSettings, int | None]:
-    s = ref.case
-    if s.get("greedy"):
-        return GenerationSettings.greedy(int(s["max_new_tokens"])), None
-    return tts.settings(max_new_frames=int(s["max_new_tokens"]) - 1, **s["sampling"]), int(s["seed"])
-
-
-def run_impl(tts: Qwen3TTS, ref, record_taps: bool = True):
-    """impl's generation on a case: (GenerationResult, {tap: [tensor per call]})."""
-    reqs = requests_from_ref(ref)
-    settings, seed = settings_from_ref(tts, ref)
-    with torch.inference_mode(), recording(tts.talker if record_taps else None, prefix="talker") as rec:
-        prompt = build(tts.talker, tts.config, reqs)
-        res = generate(tts.talker, prompt, settings, make_generator(seed, tts.device), tts.attn)
-    return res, rec.records
-
-
-_RUNS: dict[tuple, tuple] = {}
-
-
-@pytest.fixture(scope="module")
-def gen_run(checkpoint_dir, reference, device, dtype, attn):
-    """``gen_run(case_name) -> (ref, result, records)``, one impl run per case and module."""
-
-    def get(case_name: str, variant: str, preset: str | None = None):
-        key = (case_name, variant, preset, device, dtype, attn)
-        if key not in _RUNS:
-            if preset is not None:
-                _RUNS.clear()  # released sizes: one run in memory at a time
-                _MODELS.clear()
-            ref = reference(case_name, variant, preset)
-            tts = load_model(checkpoint_dir(variant, preset), device, dtype, attn)
-            res, recs = run_impl(tts, ref)
-            _RUNS[key] = (ref, res, recs)
-        return _RUNS[key]
-
-    return get
-
-
-def compare_codes(name: str, ours: torch.Tensor, ref: torch.Tensor, margins: torch.Tensor) -> CompareResult:
-    """Exact codes (frames, 16); on mismatch the first differing (frame, codebook) and our margin there."""
-    n = min(ours.shape[0], ref.shape[0])
-    if n and not torch.equal(ours[:n].cpu(), ref[:n].cpu()):
-        r = compare_exact(name, ours[:n], ref[:n], axes=("frame", "codebook"))
-        f, c = r.first_diff
-        r.extra["margin_at_first_diff"] = float(margins[f, c])
-        r.message += f"; our top1-top2 margin there {float(margins[f, c]):.3g} (a tie if ~0)"
-    else:
-        r = compare_exact(name, ours, ref, axes=("frame", "codebook"))
-        if ours.shape[0] != ref.shape[0]:
-            r.message += f" (frames: ours {ours.shape[0]}, upstream {ref.shape[0]}; equal up to frame {n})"
-    r.extra.update(frames=int(ref.shape[0]), frames_ours=int(ours.shape[0]),
-                   min_margin=float(margins.min()) if margins.numel() else math.inf)
-    return r
+from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, compare_codes, load_model
 
 
 def first_divergence(res, ref) -> int:
@@ -263,7 +161,9 @@ def test_sampled_functional(gen_run, record):
         r = CompareResult(f"sampled item {i}", "functional", ok, list(c.shape), list(c.shape), "int64", n=c.numel())
         r.message = f"sampled item {i}: {c.shape[0]} frames, stop={res.stop_reason[i]}, codes in range: {ok}"
         r.extra = {"frames": int(c.shape[0]), "stop_reason": res.stop_reason[i]}
-        record(r, row="Sampled generation (functional)", component="Generation", variant="custom_voice")
+        r.judged_by = "functional checks: codes in range, no EOS inside a frame, length vs budget, stop reason"
+        record(r, row="Sampled generation (functional)", component="Generation", variant="custom_voice",
+               compares=FORMULA)
         assert r, r.message
 
 
@@ -302,7 +202,7 @@ def test_stream_and_synthesize(variant, checkpoint_dir, reference, device, recor
     assert [len(c) for c in chunks[:-1]] == [5 * 1920] * (len(chunks) - 1)
     r = compare("stream (chunks of 5 frames) vs one-shot decode", got, torch.from_numpy(full), "stack")
     record(r, row="Streaming synthesis (chunks vs one-shot)", component="Generation", variant=variant,
-           notes=f"{codes.shape[0]} frames")
+           notes=f"{codes.shape[0]} frames", compares=OURS)
     assert r, r.message
     wav, sr = tts.synthesize(text, greedy=True, max_new_frames=14, **kw)
     assert sr == 24000 and wav.dtype.name == "float32" and wav.ndim == 1 and len(wav) == codes.shape[0] * 1920

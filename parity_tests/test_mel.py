@@ -15,17 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import impl.mel
-from reports.compare import CompareResult, compare, compare_exact
+from reports.compare import compare_exact
+from reports.results import LIBROSA
 
+from .helpers import mel_results
 from .rows import assert_row
 
 CASE = "speaker_xvector"
-
-
-def mel_results(ref, device: str = "cpu") -> list[CompareResult]:
-    wav = ref.tap("speaker_encoder:wav24k").to(device)
-    got = impl.mel.mel_spectrogram(wav[None]).transpose(1, 2)  # (1, F, 128), as upstream feeds the encoder
-    return [compare("speaker_encoder:in (mel)", got, ref.tap("speaker_encoder:in"), "op")]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def test_filterbank_matches_librosa(record):
     ref = librosa.filters.mel(sr=24000, n_fft=1024, n_mels=128, fmin=0, fmax=12000)
     ours = impl.mel.mel_filterbank()
     r = compare_exact("mel filterbank (slaney)", torch.from_numpy(ours), torch.from_numpy(ref), axes=("mel", "bin"))
-    record(r, row="Mel filterbank", component="Speaker encoder", notes="vs librosa.filters.mel")
+    record(r, row="Mel filterbank", component="Speaker encoder", notes="vs librosa.filters.mel", compares=LIBROSA)
     assert ours.dtype == np.float32 and r, r.message
 
 

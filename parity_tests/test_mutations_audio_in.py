@@ -18,20 +18,23 @@ import torch.nn.functional as F
 import impl.codec.encoder as codec_encoder
 import impl.mel
 
-from .test_codec_encoder import (
-    CASE,
+from .helpers import mel_results
+from .helpers_codec import (
+    ENCODER_CASE,
     build_encoder,
     codes_results,
     run_end_to_end,
     seanet_results,
     transformer_results,
 )
-from .test_mel import mel_results
+
+CASE = ENCODER_CASE
 
 
-def _record(record, results, name: str, row: str, notes: str = "expected to FAIL") -> None:
+def _record(record, results, name: str, row: str, notes: str = "") -> None:
     for r in results:
-        record(r, row=f"mutation {name} → {row}", component="Mutation self-test", variant="base", notes=notes)
+        record(r, row=f"mutation {name} → {row}", component="Mutation self-test", variant="base", notes=notes,
+               expect_fail=True)
 
 
 def _mel_center(monkeypatch):
@@ -73,7 +76,7 @@ def test_downsample_zero_padding_turns_codes_red(checkpoint_dir, reference, monk
     green = seanet_results(enc, ref, got)
     changed = [r.name for r in red if r.tier == "exact" and not r]
     _record(record, red, "downsample-zero-pad", "Mimi codes",
-            notes=f"expected to FAIL; code tensors that changed: {changed or 'none (only the latents)'}")
+            notes=f"code tensors that changed: {changed or 'none (only the latents)'}")
     assert not all(red), "zero padding in the downsample left 'Mimi codes' green"
     assert all(green), "the downsample mutation also broke 'Mimi SEANet', which it cannot reach"
 

@@ -21,7 +21,7 @@ from impl.codec import conv as conv_mod
 from impl.codec import quantizer as quant_mod
 from impl.codec.conv import Streamed, TransConvState
 
-from .test_codec_decoder import VARIANT, load_codec, row_results, rows
+from .helpers_codec import VARIANT, load_codec, row_results, rows
 
 pytestmark = pytest.mark.mutation
 

@@ -14,8 +14,10 @@ from torch import nn
 import impl.layers as layers
 from reports.compare import CompareResult
 
-from .rows import compare_row
-from .test_talker_layer import ROWS, build_talker, run_stack
+from .helpers import LAYER0_ROWS, build_talker, run_stack
+from .rows import Row, compare_row
+
+ROWS = LAYER0_ROWS
 
 ROW = {r.name: r for r in ROWS}
 
@@ -25,10 +27,13 @@ def _swap_rope_sign(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x2, -x1), dim=-1)  # the other sign convention: rotates the wrong way
 
 
-def _norm_in_low_precision(self, x: torch.Tensor) -> torch.Tensor:
+def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-    return self.weight * x32.to(torch.bfloat16).to(x.dtype)  # rounded to bf16 before the weight multiply
+    # The bug: the weight multiply in fp32 and one cast after it (upstream casts to the activation dtype first,
+    # then multiplies in that dtype). Invisible in fp32; in bf16 it rounds once where upstream rounds twice.
+    return (self.weight.float() * x32).to(dtype)
 
 
 def _drop_qk_norm(talker) -> None:
@@ -38,32 +43,37 @@ def _drop_qk_norm(talker) -> None:
 
 
 MUTATIONS = {
-    # name: (how to mutate, the row that must turn red, a row upstream of the bug that must stay green)
-    "rope-sign-swapped": ("patch", ("rotate_half", _swap_rope_sign), "RoPE", "QK Norm"),
-    "qk-norm-dropped": ("model", _drop_qk_norm, "QK Norm", "QKV Projections"),
-    "norm-cast-before-weight": ("patch_cls", ("forward", _norm_in_low_precision), "RMS Norm", "Text Projection"),
+    # name: (how to mutate, the row that must turn red, a row upstream of the bug that must stay green, dtype)
+    "rope-sign-swapped": ("patch", ("rotate_half", _swap_rope_sign), "RoPE", "QK Norm", "float32"),
+    "qk-norm-dropped": ("model", _drop_qk_norm, "QK Norm", "QKV Projections", "float32"),
+    # a bf16-only bug: judged on the same-dtype row (ours bf16 vs upstream bf16, exact), which can see it
+    "norm-weight-multiplied-in-fp32": ("patch_cls", ("forward", _norm_weight_in_fp32), "RMS Norm", "Text Projection",
+                                       "bfloat16"),
 }
 
 
 @pytest.mark.mutation
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_mutation_turns_row_red(name, checkpoint_dir, reference, monkeypatch, record):
-    kind, what, red_row, green_row = MUTATIONS[name]
+    kind, what, red_row, green_row, dtype = MUTATIONS[name]
     ckpt = checkpoint_dir("custom_voice")
-    ref = reference("talker_stack", "custom_voice")
+    ref = reference("talker_stack", "custom_voice", dtype=dtype)
     if kind == "patch":
         monkeypatch.setattr(layers, what[0], what[1])
     elif kind == "patch_cls":
         monkeypatch.setattr(layers.RMSNorm, what[0], what[1])
-    talker = build_talker(ckpt)
+    talker = build_talker(ckpt, dtype=getattr(torch, dtype))
     if kind == "model":
         what(talker)
     got = run_stack(talker, ref, "cpu", "eager")
-    red = compare_row(ROW[red_row], got, ref)
-    green = compare_row(ROW[green_row], got, ref)
+    # bf16: the same-dtype rows compare exactly (test_layer0_bf16_same_dtype: unmutated, every tap is equal)
+    rows = {n: Row(r.name, r.taps, "exact") for n, r in ROW.items()} if dtype == "bfloat16" else ROW
+    red = compare_row(rows[red_row], got, ref)
+    green = compare_row(rows[green_row], got, ref)
+    label = red_row + (" (bf16 vs upstream bf16)" if dtype == "bfloat16" else "")
     for r in red:
-        record(r, row=f"mutation {name} → {red_row}", component="Mutation self-test", variant="custom_voice",
-               notes="expected to FAIL")
+        record(r, row=f"mutation {name} → {label}", component="Mutation self-test", variant="custom_voice",
+               expect_fail=True)
     assert not all(red), f"mutation {name} left row {red_row!r} green: the harness cannot see this bug"
     assert all(green), f"mutation {name} also broke {green_row!r}, which it cannot reach: " + \
         " | ".join(r.message for r in green if not r)
@@ -86,9 +96,10 @@ def test_mutation_head_dim_fallback(checkpoint_dir, record):
 
     with pytest.raises(CheckpointError, match=r"q_proj.weight has shape") as err:
         build_talker(ckpt, cfg_edit=fallback)
-    r = CompareResult(f"{ROW['QKV Projections'].taps[0]}", "op", False, [], [], "", message=str(err.value))
+    r = CompareResult(f"{ROW['QKV Projections'].taps[0]}", "op", False, [], [], "", message=str(err.value),
+                      judged_by="the strict loader refused the checkpoint (no tensor was compared)")
     record(r, row="mutation head-dim-fallback → QKV Projections", component="Mutation self-test",
-           variant="custom_voice", notes="expected to FAIL")
+           variant="custom_voice", expect_fail=True)
 
 
 def test_comparing_nothing_fails():

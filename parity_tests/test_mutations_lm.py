@@ -30,8 +30,7 @@ from impl.prompt import build
 from reference_export.cases.lm import gen_case_name
 from reports.compare import compare
 
-from .test_code_predictor import teacher_run
-from .test_generate import compare_codes, requests_from_ref, run_impl
+from .helpers import compare_codes, requests_from_ref, run_impl, teacher_run
 
 # ------------------------------------------------------------------------------------------------ rows
 
@@ -131,7 +130,7 @@ def test_mutation_turns_row_red(name, checkpoint_dir, reference, monkeypatch, re
     (red_row, red), (green_row, green) = mutate(tts, monkeypatch, reference)
     for r in red:
         record(r, row=f"mutation {name} → {red_row}", component="Mutation self-test", variant=variant,
-               notes="expected to FAIL")
+               expect_fail=True)
     assert not all(red), f"mutation {name} left row {red_row!r} green: the harness cannot see this bug"
     assert all(green), f"mutation {name} also broke {green_row!r}, which it cannot reach: " + \
         " | ".join(r.message for r in green if not r)

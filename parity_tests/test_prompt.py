@@ -30,7 +30,7 @@ from impl.talker import Talker
 from reference_export.cases.lm import MODES, gen_case_name
 from reports.compare import compare, compare_exact
 
-from .test_generate import GEN_CASES, MODE_NAME, TEXT_NAME, gen_run  # noqa: F401  (gen_run: fixture)
+from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME
 
 
 @pytest.mark.parametrize("mode,nsm", GEN_CASES)

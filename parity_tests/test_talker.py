@@ -25,9 +25,9 @@ from impl.talker import rope_positions, step_positions
 from impl.taps import recording
 from reference_export.cases.talker import layer_taps
 from reports.compare import compare, compare_exact
+from reports.results import FORMULA, OURS
 
-from .test_generate import load_model, requests_from_ref
-from .test_talker_layer import build_talker, run_stack
+from .helpers import build_talker, load_model, requests_from_ref, run_stack
 
 
 def _layer_results(got, ref, layers, attn, record, component, variant, preset=""):
@@ -91,8 +91,12 @@ def test_positions_match_get_rope_index(record):
         up_step = (torch.arange(1).view(1, -1).expand(4, -1) + (past + deltas_up)).unsqueeze(0).expand(3, -1, -1)
         results.append(compare_exact(f"talker:positions (step at cache {past})", step_positions(past, deltas),
                                      up_step.long()))
-    for r in results:
-        record(r, row="Talker positions", component="Talker")
+    # The prefill positions come from upstream's own get_rope_index; the decode-step positions are compared with
+    # the test's transcription of upstream's step formula (cache_position[0] + rope_deltas), not a run of it.
+    for r in results[:2]:
+        record(r, row="Talker positions (prefill)", component="Talker")
+    for r in results[2:]:
+        record(r, row="Talker positions (decode steps)", component="Talker", compares=FORMULA)
     assert all(results), " | ".join(x.message for x in results if not x)
 
 
@@ -131,7 +135,8 @@ def test_prefill_vs_incremental(impl, checkpoint_dir, reference, device, record)
     results = [compare("talker.model.norm:out (incremental vs prefill)", torch.cat(inc_h, 1), full.hidden[:, L - 1:], "block"),
                compare("talker.codec_head:out (incremental vs prefill)", torch.cat(inc_l, 1), full.logits[:, L - 1:], "stack")]
     for r in results:
-        record(r, row="Prefill vs incremental", component="Talker", variant="custom_voice", notes=f"{impl}, {k} steps")
+        record(r, row="Prefill vs incremental", component="Talker", variant="custom_voice", notes=f"{impl}, {k} steps",
+               compares=OURS)
     assert all(results), " | ".join(x.message for x in results if not x)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from impl.config import PRESET_NAMES, VARIANTS
 
@@ -42,16 +43,76 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "capture":
             from .export import capture_case
 
-            print(capture_case(a.case, a.checkpoint, a.out, device=a.device, dtype=a.dtype, attn=a.attn, seed=a.seed))
+            out = _check_capture_args(a)
+            written = capture_case(a.case, a.checkpoint, out, device=a.device, dtype=a.dtype, attn=a.attn,
+                                   seed=a.seed)
+            _warn_nonfinite(written)
+            print(written)
         elif a.cmd == "cases":
             from .cases import all_cases
 
             for name, case in sorted(all_cases().items()):
                 print(f"{name:32s} {case.component:20s} {','.join(case.variants):30s} {case.description}")
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, 128 + SIGINT. Writes are atomic (temporary file or folder, renamed at the end).
+        print("interrupted (no output written or changed)", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+def _warn_nonfinite(path: str | Path) -> None:
+    """Say loudly (stderr) when a written reference holds NaN/Inf taps: weights were checked before the run, so
+    these come from the computation itself (e.g. upstream's codec overflowing in bf16), and they are a finding,
+    not a reference to compare against silently."""
+    import h5py
+
+    bad: list[str] = []
+    total = [0]
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and name.startswith("taps/"):
+            total[0] += 1
+            if not bool(obj.attrs.get("finite", True)):
+                bad.append(name[len("taps/"):])
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    if bad:
+        print(f"warning: {path}: {len(bad)} of {total[0]} tap datasets hold NaN/Inf (first: {bad[0]}); "
+              "this reference is not finite", file=sys.stderr)
+
+
+def _check_capture_args(a: argparse.Namespace) -> str:
+    """Everything ``capture`` can check before loading upstream, each failure one line naming the file or value:
+    the case exists, the device exists, ``--out`` can be written (a symlink is followed; a folder, device or
+    other non-regular file is refused: the atomic rename would replace it), and the checkpoint's configs parse and
+    its weights are readable, finite and not blanked (a reference captured on NaN weights is NaN throughout).
+    Returns the path to write (symlinks resolved)."""
+    from impl.config import Qwen3TTSConfig, SpeechTokenizerConfig
+    from impl.loading import CheckpointError, read_state_dict
+    from impl.model import resolve_device
+    from impl.outfile import OutputError, check_output
+
+    from .cases import get_case
+
+    get_case(a.case)
+    resolve_device(a.device)
+    target, through = check_output(a.out)
+    if through:
+        raise OutputError(f"{a.out}: not a regular file; a reference is written atomically to a regular file")
+    ck = Path(a.checkpoint)
+    if not ck.is_dir():
+        raise CheckpointError(f"{ck}: not a checkpoint folder")
+    Qwen3TTSConfig.from_file(ck / "config.json")
+    SpeechTokenizerConfig.from_file(ck / "speech_tokenizer" / "config.json")
+    for folder in (ck, ck / "speech_tokenizer"):
+        read_state_dict(folder)  # one read per tensor: truncation, NaN/Inf and all-zero matrices raise here
+    return str(target)
 
 
 if __name__ == "__main__":

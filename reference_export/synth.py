@@ -12,7 +12,10 @@ one by construction); every parameter and persistent buffer is then drawn under 
 upstream-offline.md): upstream's own init leaves codebooks at zero (decoded audio is exactly 0) and makes logits
 near uniform (greedy argmax margins at fp32 noise level), which would make parity tests vacuous.
 
-Each tensor's generator is seeded from (seed, key), so a tensor's values do not depend on which other keys exist.
+Each tensor's generator is seeded from (seed, variant salt, key) (``variant_salt``): a tensor's values do not depend
+on which other keys exist, and the variants of one preset get different weights (with one seed per key only, the
+tiny base, custom_voice and voice_design talkers were identical and their parity rows counted the same work three
+times).
 """
 
 from __future__ import annotations
@@ -47,8 +50,18 @@ EOS_ROW_GAIN = 1.6  # lets some sequences stop by EOS while others run to the bu
 DECODER_OUT_RMS = 0.2  # final decoder conv rescaled so decoded audio is neither silent nor clipped
 
 
-def _gen(seed: int, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+def _gen(seed: int, key: str, salt: str = "") -> torch.Generator:
+    """A generator for one tensor, seeded from (seed, salt, key); ``salt`` is ``variant_salt(preset, variant)``."""
+    name = f"{salt}|{key}" if salt else key
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def variant_salt(preset: str, variant: str) -> str:
+    """``base`` keeps the unsalted draw the scales above were tuned on (some greedy sequences stop by EOS, others run
+    to the budget: with a fresh base draw every x-vector streaming item stopped within 27 frames, too short to
+    exercise long generation); ``custom_voice`` and ``voice_design`` draw their own weights under "<preset>/<variant>",
+    so the three variants are three different models."""
+    return "" if variant == "base" else f"{preset}/{variant}"
 
 
 def _normal(shape, std, g):
@@ -125,8 +138,9 @@ def _module_info(model: torch.nn.Module) -> dict[str, dict]:
     return info
 
 
-def fill(model: torch.nn.Module, seed: int, prefix: str = "") -> dict[str, str]:
-    """Draw every persistent tensor of ``model`` by ``RULES``; return {key: rule pattern} for the record."""
+def fill(model: torch.nn.Module, seed: int, prefix: str = "", salt: str = "") -> dict[str, str]:
+    """Draw every persistent tensor of ``model`` by ``RULES`` (generators salted by ``salt``, see ``_gen``);
+    return {key: rule pattern} for the record."""
     info = _module_info(model)
     state = model.state_dict()
     used: dict[str, str] = {}
@@ -142,7 +156,7 @@ def fill(model: torch.nn.Module, seed: int, prefix: str = "") -> dict[str, str]:
                 rule = next((r for r in RULES if fnmatch.fnmatchcase(full, r.pattern)), None)
             if rule is None:
                 raise ValueError(f"synth: no rule draws {full} {tuple(t.shape)}; add one to RULES")
-            v = rule.fn(full, tuple(t.shape), _gen(seed, full), i)
+            v = rule.fn(full, tuple(t.shape), _gen(seed, full, salt), i)
             t.copy_(v.to(t.dtype))
             used[full] = rule.pattern
     return used
@@ -159,11 +173,11 @@ def _postprocess_model(model, cfg: dict) -> None:
             w -= w.mean(dim=(1, 2), keepdim=True)
 
 
-def _postprocess_codec(tok, seed: int) -> float:
+def _postprocess_codec(tok, seed: int, salt: str = "") -> float:
     """Rescale the decoder's final conv so decoded audio has rms ≈ DECODER_OUT_RMS before the clamp."""
     dec = tok.decoder
     last = dec.decoder[-1]
-    g = _gen(seed, "synth.probe_codes")
+    g = _gen(seed, "synth.probe_codes", salt)
     n_q = dec.config.num_quantizers
     codes = torch.randint(0, dec.config.codebook_size, (1, n_q, 24), generator=g)
     seen = {}
@@ -209,11 +223,12 @@ def build_checkpoint(preset: str, variant: str, seed: int, out: str | Path, forc
             model = up.M.Qwen3TTSForConditionalGeneration(up.Qwen3TTSConfig(**upstream_config_dict(cfg)))
             tok = up.T.Qwen3TTSTokenizerV2Model(up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg)))
         steps.update()
-        rules_used = fill(model, seed)
+        salt = variant_salt(preset, variant)
+        rules_used = fill(model, seed, salt=salt)
         _postprocess_model(model, cfg)
         steps.update()
-        rules_used.update(fill(tok, seed, prefix="speech_tokenizer."))
-        probe_rms = _postprocess_codec(tok.float().eval(), seed)
+        rules_used.update(fill(tok, seed, prefix="speech_tokenizer.", salt=salt))
+        probe_rms = _postprocess_codec(tok.float().eval(), seed, salt)
         steps.update()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -229,7 +244,7 @@ def build_checkpoint(preset: str, variant: str, seed: int, out: str | Path, forc
 
         tok_facts = write_text_tokenizer(tmp)
         record = {
-            "preset": preset, "variant": variant, "seed": seed, "head_gain": HEAD_GAIN, "eos_row_gain": EOS_ROW_GAIN,
+            "preset": preset, "variant": variant, "seed": seed, "seed_salt": salt, "head_gain": HEAD_GAIN, "eos_row_gain": EOS_ROW_GAIN,
             "decoder_out_rms": DECODER_OUT_RMS, "decoder_probe_rms_before": probe_rms, "text_tokenizer": tok_facts,
             "rules": {r.pattern: r.why for r in RULES},
             "rule_per_key": rules_used,

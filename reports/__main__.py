@@ -3,9 +3,11 @@
     python -m reports run [--preset tiny] [-- extra pytest args]   build checkpoints + references, run the parity
                                                                    suite, write reports/VALIDATION.md
     python -m reports render [--results reports/results.json]      results.json -> VALIDATION.md, summary.json, plot
-    python -m reports gate [--update]                              CI gate against reports/baseline.json
-    python -m reports compare OURS.h5 REF.h5 [--tier stack] [--override GLOB=TIER …]
-                                                                   a port's activations vs a reference, tap by tap
+    python -m reports gate [--update]                              CI gate against reports/baseline.json (and the
+                                                                   recorded sections reports/results-released*.json)
+    python -m reports compare OURS REF.h5 [--tier stack] [--override GLOB=TIER …] [--map FILE] [--out DIR]
+                                                                   a port's activations (HDF5, safetensors, npz,
+                                                                   .npy folder) vs a reference, tap by tap
 """
 
 from __future__ import annotations
@@ -48,35 +50,73 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("gate", help="compare results.json with the committed baseline")
     g.add_argument("--results", default=str(HERE / "results.json"))
     g.add_argument("--baseline", default=str(HERE / "baseline.json"))
-    g.add_argument("--update", action="store_true", help="rewrite the baseline from these results")
-    c = sub.add_parser("compare", help="compare a port's activations (our HDF5 schema) with a reference file")
-    c.add_argument("ours")
-    c.add_argument("ref")
-    c.add_argument("--tier", default="stack", help="default tier (exact, op, block, stack)")
+    g.add_argument("--update", action="store_true", help="rewrite the baseline from these results (refused while any "
+                                                          "row is red or any test failed)")
+    g.add_argument("--also", action="append", default=None, type=Path,
+                   help="a recorded results file the baseline also covers (default: reports/results-released*.json)")
+    c = sub.add_parser(
+        "compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="compare a port's activations (HDF5, safetensors, npz, .npy folder) with a reference file",
+        description="Judge a port's activations against a reference captured by `reference_export capture` on the "
+                    "same checkpoint, tap by tap, and name the first divergence in upstream's execution order.",
+        epilog="OURS formats (detected from the content): our HDF5 schema, .safetensors (bf16/fp16 are upcast to "
+               "fp32 and said so), .npz, or a folder of .npy files (file name = key; '__' may stand for ':').\n"
+               "Keys are our tap names '<module path>:<point>'; a tap called once per decode step is written "
+               "'<name>@step_N' (N = call index from 0).\n"
+               "--map FILE renames a port's own keys: one 'PATTERN -> TARGET' rule a line, first match wins; "
+               "PATTERN is a glob whose * are {1}, {2} … in TARGET, or 're:REGEX' (groups {1} …, named {name}); "
+               "TARGET '-' ignores the key. Rules may also be a JSON list of {\"glob\"|\"regex\": …, \"to\": …}.\n"
+               "Exit status: 0 all selected taps pass, 1 a divergence or a missing/unusable tap, 2 bad input.")
+    c.add_argument("ours", help="the port's dump: file or folder")
+    c.add_argument("ref", help="the reference HDF5 from `reference_export capture` on the same checkpoint")
+    c.add_argument("--tier", default="stack", help="default tier: exact, op, block or stack (default stack)")
     c.add_argument("--override", action="append", default=[], help="GLOB=TIER for matching taps (repeatable)")
+    c.add_argument("--map", default=None, metavar="FILE", help="rename rules from the port's keys to our tap names")
+    c.add_argument("--only", action="append", default=None, metavar="GLOB",
+                   help="judge only reference taps matching GLOB (repeatable); others are neither compared nor "
+                        "counted missing")
+    c.add_argument("--out", default=None, metavar="DIR",
+                   help="write the per-port report: DIR/REPORT.md, DIR/error_growth.png, DIR/results.json")
     c.add_argument("--json", default=None, help="also write the results as JSON")
     a = p.parse_args(argv)
     if a.cmd == "compare":
         from .port_compare import main_compare
 
-        return main_compare(a.ours, a.ref, a.tier, a.override, a.json)
+        return main_compare(a.ours, a.ref, a.tier, a.override, a.json, map_file=a.map, out_dir=a.out, only=a.only)
     if a.cmd == "run":
-        cmd = [sys.executable, "-m", "pytest", "-q", "parity_tests", "-m", "not slow and not benchmark",
+        cmd = [sys.executable, "-m", "pytest", "-q", "parity_tests", "-m", "not slow and not benchmark and not install",
                "--preset", a.preset, f"--results={a.results}"]
         if a.checkpoint:
             cmd += ["--checkpoint", a.checkpoint]
         cmd += a.pytest_args
         print("reports: " + " ".join(cmd[2:]), flush=True)
+        results = Path(a.results)
+        before = results.stat().st_mtime_ns if results.exists() else None
         rc = subprocess.call(cmd, cwd=ROOT)
-        for f in render(Path(a.results), Path(a.out), _also(a.also)):
+        after = results.stat().st_mtime_ns if results.exists() else None
+        if after is None or after == before:
+            # e.g. a collection error: pytest wrote nothing, and the previous results must not be re-rendered
+            print(f"reports: pytest (exit {rc}) wrote no new {results}; not rendering the previous results")
+            return rc or 2
+        try:
+            written = render(results, Path(a.out), _also(a.also), baseline=HERE / "baseline.json")
+        except SystemExit as e:  # refused (e.g. a collection error: the run recorded nothing): say why, keep rc
+            print(f"reports: not rendering: {e}")
+            return rc or 2
+        for f in written:
             print(f"reports: wrote {f}")
         return rc
     if a.cmd == "render":
-        for f in render(Path(a.results), Path(a.out), _also(a.also)):
+        for f in render(Path(a.results), Path(a.out), _also(a.also), baseline=HERE / "baseline.json"):
             print(f"reports: wrote {f}")
         return 0
-    return gate(Path(a.results), Path(a.baseline), a.update)
+    return gate(Path(a.results), Path(a.baseline), a.update, _also(a.also))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the conventional exit status 128 + SIGINT instead of a traceback.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -78,6 +78,9 @@ class CompareResult:
     first_diff: list[int] | None = None  # exact tier: first differing index
     extra: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    # How a result was judged when it is not a numeric comparison (a functional check, a loader refusal, a missing
+    # tap): the report then shows "n/a" for its difference instead of a 0 it never measured.
+    judged_by: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -93,6 +96,7 @@ class CompareResult:
 def _fail_shape(name, tier, got, ref) -> CompareResult:
     r = CompareResult(name, tier.name, False, list(got.shape), list(ref.shape), str(got.dtype))
     r.message = f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    r.judged_by = "shape mismatch"
     return r
 
 
@@ -176,13 +180,20 @@ def compare_exact(name: str, got: torch.Tensor, ref: torch.Tensor, axes: tuple[s
                       n=ref.numel())
     if tuple(got.shape) != tuple(ref.shape):
         r.message = f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+        r.judged_by = "shape mismatch"
         return r
     if r.n == 0:
         r.message = f"{name}: zero elements compared (a comparison that compares nothing fails)"
         return r
+    if got.is_floating_point() or ref.is_floating_point():
+        # NaN/Inf is a failure in every tier: NaN == NaN or inf == inf on both sides is no evidence of parity.
+        bad = int((~torch.isfinite(got.double())).sum()), int((~torch.isfinite(ref.double())).sum())
+        if bad[0] or bad[1]:
+            r.n_mismatch = bad[0] + bad[1]
+            r.max_abs = math.inf
+            r.message = f"{name}: non-finite values (ours {bad[0]}, reference {bad[1]}): NaN/Inf is a failure"
+            return r
     neq = got != ref
-    if got.is_floating_point():
-        neq = neq & ~(torch.isnan(got) & torch.isnan(ref))
     r.n_mismatch = int(neq.sum())
     r.passed = r.n_mismatch == 0
     if r.passed:

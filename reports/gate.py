@@ -1,8 +1,17 @@
 """The CI gate: compare a run's results against the committed baseline (``reports/baseline.json``).
 
-Fails when a row that passed in the baseline fails now or is missing, or when a row's max difference grew more
-than ``GROWTH`` times beyond the baseline (plus ``FLOOR``) while still inside its tier — a regression worth
-seeing before it crosses the tier. ``--update`` rewrites the baseline from the current results.
+Fails when
+- the results were not produced by the code in this working tree (code hash), or a file cannot be read;
+- a row that was green in the baseline is red now (its comparisons failed *or* its test failed/errored), or is
+  missing; a mutation row is no longer caught; a row new to this run is red; a test failed or errored;
+- a row made fewer comparisons than in the baseline (108 → 1 is not the same row any more);
+- a row's max difference grew more than ``GROWTH`` times beyond the baseline (plus ``FLOOR``) while still inside its
+  tier — a regression worth seeing before it crosses the tier;
+- a recorded section (the released-size runs, ``reports/results-released*.json``) that the baseline holds is
+  missing, or any of its rows changed in the same ways.
+
+``--update`` rewrites the baseline from the current results, and refuses to when any row is red or any test
+failed: a baseline holds only what passed.
 """
 
 from __future__ import annotations
@@ -10,58 +19,128 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-from .render import group_rows
+from .results import ROOT, ResultsError, RunResults, check_fresh, load
 
 GROWTH = 10.0
 FLOOR = 1e-9
+SCHEMA = 2
 
 
-def baseline_from(data: dict) -> dict:
-    rows = {}
-    for g in group_rows(data):
-        key = f"{g['component']} · {g['row']} · {g['preset']}"
-        rows[key] = {"passed": g["passed"], "expect_fail": g["expect_fail"],
-                     "max_abs": g["max_abs"] if math.isfinite(g["max_abs"]) else None}
-    return {"provenance": data["provenance"], "rows": rows}
+def _rows(run: RunResults) -> dict[str, dict[str, Any]]:
+    out = {}
+    for g in run.rows():
+        m = g.max_abs
+        out[g.key] = {"ok": g.ok, "expect_fail": g.expect_fail, "n": g.n, "compares": g.compares,
+                      "max_abs": m if m is not None and math.isfinite(m) else None}
+    return out
 
 
-def check(data: dict, baseline: dict) -> list[str]:
-    now = baseline_from(data)["rows"]
+def baseline_from(run: RunResults, sections: list[RunResults] | None = None) -> dict[str, Any]:
+    return {"schema": SCHEMA, "provenance": run.provenance, "rows": _rows(run),
+            "sections": {s.source: {"git_sha": s.provenance.get("git_sha", ""), "created": s.created,
+                                    "rows": _rows(s)} for s in sections or []}}
+
+
+def _ok(b: dict) -> bool:
+    if "ok" in b:
+        return bool(b["ok"])
+    # schema 1 baselines stored whether the comparisons passed; a mutation row is green when they did not
+    return not b.get("passed") if b.get("expect_fail") else bool(b.get("passed"))
+
+
+def _check_rows(now: dict[str, dict], base: dict[str, dict], where: str = "") -> list[str]:
+    pre = f"{where}: " if where else ""
     problems = []
-    for key, b in baseline["rows"].items():
+    for key, b in base.items():
         n = now.get(key)
         if n is None:
-            problems.append(f"{key}: in the baseline but not measured in this run")
+            problems.append(f"{pre}{key}: in the baseline but not measured in this run")
             continue
-        if b["expect_fail"]:
-            if n["passed"]:
-                problems.append(f"{key}: mutation no longer caught")
-            continue
-        if b["passed"] and not n["passed"]:
-            problems.append(f"{key}: passed in the baseline, fails now")
-        elif b["max_abs"] is not None and n["max_abs"] is not None and n["max_abs"] > GROWTH * b["max_abs"] + FLOOR:
-            problems.append(f"{key}: max diff {n['max_abs']:.3g} grew over {GROWTH:g}× the baseline {b['max_abs']:.3g}")
+        if b.get("expect_fail"):
+            if not n["ok"]:
+                problems.append(f"{pre}{key}: mutation no longer caught (or its test failed)")
+        elif _ok(b) and not n["ok"]:
+            problems.append(f"{pre}{key}: passed in the baseline, fails now")
+        elif b.get("max_abs") is not None and n["max_abs"] is not None and n["max_abs"] > GROWTH * b["max_abs"] + FLOOR:
+            problems.append(f"{pre}{key}: max diff {n['max_abs']:.3g} grew over {GROWTH:g}× the baseline "
+                            f"{b['max_abs']:.3g}")
+        if isinstance(b.get("n"), int) and n["n"] < b["n"]:
+            problems.append(f"{pre}{key}: {n['n']} comparisons, {b['n']} in the baseline (a row that compares less "
+                            f"is not the row the baseline passed)")
+    for key, n in now.items():
+        if key not in base and not n["ok"]:
+            problems.append(f"{pre}{key}: red (not in the baseline)")
     return problems
 
 
-def gate(results: Path, baseline: Path, update: bool = False) -> int:
+def check(run: RunResults, baseline: dict[str, Any], sections: list[RunResults] | None = None) -> list[str]:
+    problems = _check_rows(_rows(run), baseline["rows"])
+    have = {s.source: s for s in sections or []}
+    for src, b in (baseline.get("sections") or {}).items():
+        s = have.get(src)
+        if s is None:
+            problems.append(f"{src}: recorded section in the baseline, but the file was not given or not found")
+            continue
+        problems += _check_rows(_rows(s), b.get("rows", {}), src)
+    bad_tests = [f"{t} {o}" for t, o in run.tests.items() if o not in ("passed", "skipped")]
+    problems += [f"test {t}" for t in bad_tests]
+    return problems
+
+
+def _read_baseline(path: Path) -> dict[str, Any]:
+    """The baseline as a dict; any problem is one ResultsError line naming the file."""
     try:
-        data = json.loads(results.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"gate: {results}: cannot read results ({e})")
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: baseline missing; create it with `python -m reports gate --update`") from None
+    if not text.strip():
+        raise ResultsError(f"{path}: baseline is empty; recreate it with `python -m reports gate --update`")
+    try:
+        b = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: baseline is not valid JSON ({e})") from None
+    if not isinstance(b, dict) or not isinstance(b.get("rows"), dict):
+        got = type(b).__name__ if not isinstance(b, dict) else f"'rows' is {type(b.get('rows')).__name__}"
+        raise ResultsError(f"{path}: not a baseline (expected an object with a 'rows' object; got {got})")
+    for key, row in b["rows"].items():
+        if not isinstance(row, dict):
+            raise ResultsError(f"{path}: baseline row {key!r} is {type(row).__name__}, not an object")
+    return b
+
+
+def gate(results: Path, baseline: Path, update: bool = False, also: list[Path] | None = None,
+         root: Path | None = None) -> int:
+    """0: no problems; 1: problems (listed); 2: a file could not be used (one line naming it)."""
+    try:
+        run = load(results)
+        check_fresh(run, root or ROOT)
+        sections = [load(p, p.name) for p in also or []]  # keyed by file name in the baseline
+        base = None if update else _read_baseline(baseline)
+    except ResultsError as e:
+        print(f"gate: {e}")
+        return 2
+    if not run.records:
+        print(f"gate: {results}: the run recorded no comparisons (pytest exit status "
+              f"{run.summary.get('exitstatus', '?')})")
         return 2
     if update:
-        baseline.write_text(json.dumps(baseline_from(data), indent=1, sort_keys=True))
-        print(f"gate: wrote {baseline} ({len(data['rows'])} comparisons)")
+        red = [g.key for r in [run, *sections] for g in r.rows() if not g.ok]
+        red += [f"test {t} {o}" for t, o in run.tests.items() if o not in ("passed", "skipped")]
+        if red:
+            print(f"gate: refusing to update {baseline}: {len(red)} red row(s) or failed test(s) would become the "
+                  f"baseline: " + "; ".join(red[:10]) + (" …" if len(red) > 10 else ""))
+            return 1
+        baseline.write_text(json.dumps(baseline_from(run, sections), indent=1, sort_keys=True))
+        print(f"gate: wrote {baseline} ({len(run.records)} comparisons in {len(run.rows())} rows, "
+              f"{len(sections)} recorded section(s))")
         return 0
-    if not baseline.exists():
-        print(f"gate: {baseline} missing; create it with `python -m reports gate --update`")
-        return 2
-    problems = check(data, json.loads(baseline.read_text()))
-    s = data["summary"]
-    print(f"gate: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped; "
-          f"{len(json.loads(baseline.read_text())['rows'])} baseline rows checked, {len(problems)} problem(s)")
+    problems = check(run, base, sections)
+    s = run.summary
+    print(f"gate: {s['passed']} passed, {s['failed']} failed, {s.get('errors', 0)} errors, {s['skipped']} skipped; "
+          f"{len(base['rows'])} baseline rows and {len(base.get('sections') or {})} recorded section(s) checked, "
+          f"{len(problems)} problem(s)")
     for p in problems:
         print(f"  - {p}")
-    return 1 if problems or s["failed"] else 0
+    return 1 if problems or s["failed"] or s.get("errors") else 0

@@ -1,66 +1,36 @@
 """Render ``results.json`` into ``VALIDATION.md``, a compact ``summary.json`` and plots.
 
-Only formats ``CompareResult`` records; every number in the output comes from the run that wrote results.json.
+Only formats the typed results of ``reports.results``; every number in the output comes from the run that wrote
+results.json. The main results must carry the hash of the code in this working tree (``check_fresh``): stale
+results are refused with one line, never re-rendered as if they were current. Recorded sections (the opt-in
+released-size runs, ``--also``) are shown as what they are: recorded at a commit on a date, not re-run, and flagged
+when the code they measure changed after that commit.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from .bad_input import bad_input_section
 from .compare import TIERS
+from .perf import performance_section
+from .results import ROOT, ResultsError, RowResult, RunResults, check_fresh, freshness, load
+
+PLOT = "plots/max_abs.png"  # relative to VALIDATION.md
+# provenance keys that make two runs the same kind of run (so a baseline row missing from one is a vanished row)
+SAME_RUN = ("preset", "checkpoint", "device", "dtype", "attn", "markexpr")
 
 
-def _f(x: Any) -> float:
-    if isinstance(x, str):
-        return math.inf if "inf" in x else math.nan
-    return float(x)
-
-
-def group_rows(data: dict) -> list[dict]:
-    """One entry per (component, row, preset): all variants and taps folded together."""
-    groups: OrderedDict[tuple, dict] = OrderedDict()
-    for r in data["rows"]:
-        key = (r["component"], r["row"], r.get("preset", ""))
-        g = groups.setdefault(key, {"component": r["component"], "row": r["row"], "preset": r.get("preset", ""),
-                                    "tiers": [], "variants": [], "results": [], "notes": set()})
-        g["results"].append(r["result"])
-        if r["result"]["tier"] not in g["tiers"]:
-            g["tiers"].append(r["result"]["tier"])
-        if r["variant"] and r["variant"] not in g["variants"]:
-            g["variants"].append(r["variant"])
-        if r.get("notes"):
-            g["notes"].add(r["notes"])
-    out = []
-    for g in groups.values():
-        res = g["results"]
-        # Mutation self-tests record the rows they must turn red, marked "expected to FAIL" in their notes.
-        expect_fail = g["component"] == "Mutation self-test" or any("expected to FAIL" in n for n in g["notes"])
-        passed = all(x["passed"] for x in res)
-        worst = max(res, key=lambda x: _f(x["max_abs"]) if math.isfinite(_f(x["max_abs"])) else 1e300)
-        g.update({
-            "passed": passed, "n": len(res), "n_failed": sum(not x["passed"] for x in res),
-            "max_abs": max(_f(x["max_abs"]) for x in res), "worst": worst,
-            "min_cosine": min(_f(x.get("cosine", 1.0)) for x in res),
-            "needed_atol": max(_f(x.get("needed_atol", 0.0)) for x in res),
-            "expect_fail": expect_fail,
-        })
-        out.append(g)
-    return out
-
-
-def status(g: dict) -> str:
-    if g["expect_fail"]:
-        return "✅ caught" if not g["passed"] else "❌ NOT caught"
-    return "✅ pass" if g["passed"] else "❌ FAIL"
-
-
-def _diff(x: float) -> str:
+def _diff(g: RowResult) -> str:
+    """The row's worst difference; "n/a" when none of its comparisons measured one."""
+    x = g.max_abs
+    if x is None:
+        return "n/a"
     if x == 0:
         return "0 (bit-exact)"
     if not math.isfinite(x):
@@ -68,47 +38,103 @@ def _diff(x: float) -> str:
     return f"{x:.2e}"
 
 
-def _provenance(data: dict, source: str) -> list[str]:
-    prov, summ = data["provenance"], data["summary"]
+def _provenance(run: RunResults, source: str) -> list[str]:
+    prov, summ = run.provenance, run.summary
     v = prov.get("versions", {})
+    presets = run.presets
     rows = [
-        ("results", f"`{source}`, created {data.get('created', '')}"), ("harness git sha", prov.get("git_sha", "")),
+        ("results", f"`{source}`, created {run.created}"), ("harness git sha", prov.get("git_sha", "")),
+        ("code hash", run.code_hash or "(not recorded)"),
         ("qwen-tts / transformers / torch", f"{v.get('qwen-tts', '?')} / {v.get('transformers', '?')} / {v.get('torch', '?')}"),
-        ("preset / checkpoint", f"{prov.get('preset')} / {prov.get('checkpoint') or 'synthetic'}"),
+        ("preset / checkpoint", f"{', '.join(presets)} / {prov.get('checkpoint') or 'synthetic'}"),
         ("device / dtype / attention (impl)", f"{prov.get('device')} / {prov.get('dtype')} / {prov.get('attn')}"),
         ("machine", f"{prov.get('machine')}, {prov.get('cpus')} CPUs, Python {prov.get('python')}"),
         ("pytest selection", prov.get("markexpr") or "(default)"),
-        ("tests", f"{summ['passed']} passed, {summ['failed']} failed, {summ['skipped']} skipped "
-                  f"of {summ['collected']} collected in {summ['duration_s']} s"),
-        ("comparisons", f"{len(data['rows'])} tensor/code comparisons in {len(group_rows(data))} rows"),
+        ("tests", f"{summ['passed']} passed, {summ['failed']} failed, {summ.get('errors', 0)} errors, "
+                  f"{summ['skipped']} skipped of {summ['collected']} collected in {summ.get('duration_s', '?')} s"),
+        ("comparisons", f"{len(run.records)} tensor/code comparisons in {len(run.rows())} rows"),
     ]
     return [tabulate(rows, headers=["", ""], tablefmt="github"), ""]
 
 
-def _status_table(data: dict) -> list[str]:
-    prov = data["provenance"]
+def _notes(g: RowResult, default_preset: str) -> str:
+    w = g.worst
+    notes = [f"{g.n} comparisons"]
+    if g.variants:
+        notes.append("variants: " + ", ".join(g.variants))
+    if g.max_abs is None:
+        notes.append("judged by: " + "; ".join(g.judged_by))
+    if g.tests_failed:
+        notes.append("test " + ", ".join(f"{t} {g.tests[t]}" for t in g.tests_failed))
+    if g.n_failed:
+        notes.append(f"{g.n_failed} failed; worst {w.name}: {w.message[:160]}")
+    elif g.max_abs and math.isfinite(g.min_cosine):
+        notes.append(f"min cosine {g.min_cosine:.8f}")
+    if g.preset and g.preset != default_preset:
+        notes.append(f"preset {g.preset}")
+    notes += sorted(g.notes)
+    return "; ".join(notes)
+
+
+def _status_table(run: RunResults, missing: list[str] | None = None) -> list[str]:
+    default_preset = str(run.provenance.get("preset", ""))
     table = []
-    for g in group_rows(data):
-        w = g["worst"]
-        notes = [f"{g['n']} comparisons"]
-        if g["variants"]:
-            notes.append("variants: " + ", ".join(g["variants"]))
-        if g["n_failed"]:
-            notes.append(f"{g['n_failed']} failed; worst {w['name']}: {w['message'][:160]}")
-        elif math.isfinite(g["min_cosine"]) and g["max_abs"] > 0:
-            notes.append(f"min cosine {g['min_cosine']:.8f}")
-        if g["preset"] and g["preset"] != prov.get("preset"):
-            notes.append(f"preset {g['preset']}")
-        notes += sorted(n.replace("expected to FAIL; ", "") for n in g["notes"] if n != "expected to FAIL")
-        tier = "/".join(g["tiers"])
-        shape_bad = any(x["shape"] != x["ref_shape"] and x["ref_shape"] for x in g["results"])
-        diff = "shape ≠ ref" if shape_bad and not g["passed"] else _diff(g["max_abs"])
-        table.append([g["component"] + " · " + g["row"], status(g), diff, tier, "; ".join(notes)])
-    return [tabulate(table, headers=["Component", "Status", "Max diff", "Tier", "Notes"], tablefmt="github"), ""]
+    for g in run.rows():
+        shape_bad = any(x.shape != x.ref_shape and x.ref_shape for x in g.results)
+        diff = "shape ≠ ref" if shape_bad and not g.comparisons_passed else _diff(g)
+        table.append([f"{g.component} · {g.row}", g.status, diff, g.compares, "/".join(g.tiers),
+                      _notes(g, default_preset)])
+    for key in missing or []:
+        table.append([key.rsplit(" · ", 1)[0], "❌ missing", "n/a", "", "",
+                      "in the baseline, not measured in this run (its test failed before recording, or was not run)"])
+    return [tabulate(table, headers=["Component", "Status", "Max diff", "Compares", "Tier", "Notes"],
+                     tablefmt="github"), ""]
+
+
+def _tests_lists(run: RunResults) -> list[str]:
+    lines: list[str] = []
+    failed = [(t, o) for t, o in run.tests.items() if o not in ("passed", "skipped")]
+    if failed:
+        lines += [f"Failed or errored tests in `{run.source}`:", ""] + [f"- `{t}`: {o}" for t, o in failed] + [""]
+    skipped = [t for t, o in run.tests.items() if o == "skipped"]
+    if skipped:
+        lines += [f"Skipped tests in `{run.source}`:", ""]
+        lines += [f"- `{t}`: {run.skipped.get(t) or '(reason not recorded by this results file)'}" for t in skipped]
+        lines += [""]
+    return lines
+
+
+def _section_header(run: RunResults, source: str, root: Path | None) -> list[str]:
+    prov = run.provenance
+    sha = str(prov.get("git_sha", ""))
+    f = freshness(sha, run.created, root or ROOT)
+    lines = [f"## Recorded run: preset {', '.join(run.presets)} ({prov.get('markexpr') or 'default selection'})", "",
+             f"Recorded at `{sha[:10] or '?'}` on {run.created or '?'}, not re-run for this report "
+             f"(from `{source}`)."]
+    if f.stale:
+        lines.append(f"**⚠️ Possibly stale:** recorded at `{sha[:10] or '?'}`, but {f.stale}; these rows measure "
+                     f"the code as it was then.")
+    return lines + [""]
+
+
+def missing_baseline_rows(run: RunResults, baseline: dict | None) -> list[str]:
+    """Baseline rows of the main run that this run did not produce: a row that vanished is red, not absent."""
+    if not baseline or not isinstance(baseline.get("rows"), dict):
+        return []
+    bp = baseline.get("provenance") or {}
+    if any(bp.get(k) != run.provenance.get(k) for k in SAME_RUN):
+        return []  # a different kind of run (preset, selection, device …): its rows are not this run's to miss
+    now = {g.key for g in run.rows()}
+    return [k for k in baseline["rows"] if k not in now]
 
 
 def render_markdown(data: dict, source: str = "reports/results.json",
-                    extra: list[tuple[str, dict]] | None = None) -> str:
+                    extra: list[tuple[str, dict]] | None = None, baseline: dict | None = None,
+                    root: Path | None = None) -> str:
+    """``data``: the main results (as JSON); ``extra``: recorded sections (source, JSON); ``baseline``: the
+    committed baseline, whose rows missing from ``data`` are listed red."""
+    run = RunResults.from_json(data, source)
+    sections = [(src, RunResults.from_json(d, src)) for src, d in extra or []]
     lines = [
         "# VALIDATION: impl vs upstream qwen-tts",
         "",
@@ -117,60 +143,65 @@ def render_markdown(data: dict, source: str = "reports/results.json",
         "## Provenance",
         "",
     ]
-    lines += _provenance(data, source)
+    lines += _provenance(run, source)
     lines += ["## Status", ""]
-    lines += _status_table(data)
-    lines += ["Mutation rows are deliberate bugs: ✅ caught means the row turned red as it must.", ""]
-    for src, d in extra or []:
-        lines += [f"## Opt-in run: {d['provenance'].get('markexpr') or 'default'} "
-                  f"(preset {sorted({r.get('preset') for r in d['rows']})})", ""]
-        lines += _provenance(d, src)
-        lines += _status_table(d)
+    lines += _status_table(run, missing_baseline_rows(run, baseline))
+    lines += ["A row is ✅ only when its comparisons passed *and* the tests that recorded them passed. "
+              "**Compares** says what a row judges: *ours vs upstream* (impl against the upstream qwen-tts "
+              "package on the same checkpoint), *ours vs ours* (self-consistency: streaming vs one-shot, "
+              "incremental vs prefill; no claim about upstream), *ours vs a formula* or *ours vs librosa*. "
+              "Mutation rows are deliberate bugs: ✅ caught means the row turned red as it must. "
+              "**Max diff** is n/a where no numeric difference was measured (a functional check, a loader "
+              "refusal); the notes say how such a row was judged.", ""]
+    lines += [f"![worst difference per row (log scale)]({PLOT})", ""]
+    lines += _tests_lists(run)
+    lines += bad_input_section(data)  # the "Bad input" section (reports/bad_input.py)
+    for src, sec in sections:
+        lines += _section_header(sec, src, root)
+        lines += _provenance(sec, src)
+        lines += _status_table(sec)
+        lines += _tests_lists(sec)
+    lines += performance_section()  # recorded `python -m impl bench` files (reports/perf.py)
     lines += ["## Tiers", ""]
     lines += [tabulate([[t.name, t.rtol if t.kind == "close" else "", t.atol if t.kind == "close" else "",
                          t.nmse if t.nmse else "", t.doc] for t in TIERS.values()],
                        headers=["tier", "rtol", "atol", "NMSE ≤", "meaning"], tablefmt="github"), ""]
-    failed = [t for t, o in data["tests"].items() if o == "failed"]
-    for _, d in extra or []:
-        failed += [t for t, o in d["tests"].items() if o == "failed"]
-    if failed:
-        lines += ["## Failed tests", ""] + [f"- `{t}`" for t in failed] + [""]
     return "\n".join(lines)
 
 
-def summary_json(data: dict) -> dict:
+def summary_json(run: RunResults) -> dict[str, Any]:
     return {
-        "created": data.get("created"), "provenance": data["provenance"], "summary": data["summary"],
-        "rows": [{"component": g["component"], "row": g["row"], "preset": g["preset"], "status": status(g),
-                  "passed": g["passed"], "expect_fail": g["expect_fail"], "max_abs": g["max_abs"],
-                  "needed_atol": g["needed_atol"], "tiers": g["tiers"], "n": g["n"]} for g in group_rows(data)],
+        "created": run.created, "code_hash": run.code_hash, "provenance": run.provenance, "summary": run.summary,
+        "rows": [{"component": g.component, "row": g.row, "preset": g.preset, "status": g.status, "ok": g.ok,
+                  "compares": g.compares, "expect_fail": g.expect_fail, "max_abs": g.max_abs,
+                  "needed_atol": g.needed_atol, "tiers": g.tiers, "n": g.n} for g in run.rows()],
     }
 
 
-def plot(data: dict, out: Path) -> Path | None:
+def plot(run: RunResults, out: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [g for g in group_rows(data) if not g["expect_fail"]]
+    groups = [g for g in run.rows() if not g.expect_fail and g.max_abs is not None]
     if not groups:
         return None
-    labels = [f"{g['component']} · {g['row']}"[:60] for g in groups]
+    labels = [f"{g.component} · {g.row}"[:60] for g in groups]
     floor = 1e-12
-    vals = [max(g["max_abs"], floor) if math.isfinite(g["max_abs"]) else 1e3 for g in groups]
+    vals = [max(g.max_abs, floor) if math.isfinite(g.max_abs) else 1e3 for g in groups]
     # the tier's atol where the tier has one (close tiers); referee/exact/functional rows get no marker
-    tol = [TIERS[g["tiers"][0]].atol if TIERS[g["tiers"][0]].kind == "close" else None for g in groups]
+    tol = [TIERS[g.tiers[0]].atol if TIERS[g.tiers[0]].kind == "close" else None for g in groups]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(groups) + 1.5))
     y = range(len(groups))
-    ax.barh(y, vals, color=["tab:green" if g["passed"] else "tab:red" for g in groups])
+    ax.barh(y, vals, color=["tab:green" if g.ok else "tab:red" for g in groups])
     marks = [(t, i) for i, t in enumerate(tol) if t]
     ax.scatter([t for t, _ in marks], [i for _, i in marks], marker="|", color="k", s=120, label="tier atol")
     ax.set_xscale("log")
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"max |ours − upstream| (0 drawn at {floor:g})")
-    ax.set_title("Parity: worst absolute difference per row")
+    ax.set_xlabel(f"max |ours − reference| (0 drawn at {floor:g}; rows without a numeric difference left out)")
+    ax.set_title("Worst absolute difference per row")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,29 +218,44 @@ def _shown(p: Path) -> str:
         return str(p)
 
 
-def _load(results: Path) -> dict:
+def _load(results: Path, fresh: bool, root: Path | None = None) -> RunResults:
     try:
-        data = json.loads(results.read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"{results}: no results (run the parity suite first: ./run.sh report)") from None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{results}: not valid JSON ({e})") from None
-    if not data.get("rows"):
-        raise SystemExit(f"{results}: the run recorded no comparisons; refusing to write an empty report")
-    return data
+        run = load(results, _shown(results))
+        if fresh:
+            check_fresh(run, root or ROOT)
+    except ResultsError as e:
+        raise SystemExit(str(e)) from None
+    if not run.records:
+        raise SystemExit(f"{_shown(results)}: the run recorded no comparisons (pytest exit status "
+                         f"{run.summary.get('exitstatus', '?')}); refusing to write an empty report")
+    return run
 
 
-def render(results: Path, out_md: Path, also: list[Path] | None = None) -> list[Path]:
-    """Render ``results`` (the main run) plus ``also`` (opt-in runs, e.g. released dimensions) as sections."""
-    data = _load(results)
-    extra = [(_shown(p), _load(p)) for p in also or []]
+def _baseline(path: Path | None) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        b = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{_shown(path)}: baseline is not valid JSON ({e})") from None
+    return b if isinstance(b, dict) else None
+
+
+def render(results: Path, out_md: Path, also: list[Path] | None = None, baseline: Path | None = None,
+           root: Path | None = None) -> list[Path]:
+    """Render ``results`` (the main run; refused unless produced by this tree's code) plus ``also`` (recorded
+    opt-in runs, e.g. released dimensions) as sections. ``baseline``: rows it has that this run lacks are red."""
+    run = _load(results, fresh=True, root=root)
+    sections = [(_shown(p), _load(p, fresh=False)) for p in also or []]
     written = []
-    out_md.write_text(render_markdown(data, _shown(results), extra))
+    md = render_markdown(run.to_json(), run.source, [(s, r.to_json()) for s, r in sections], _baseline(baseline),
+                         root=root)
+    out_md.write_text(md)
     written.append(out_md)
     sj = out_md.with_name("summary.json")
-    sj.write_text(json.dumps(summary_json(data), indent=1, default=str))
+    sj.write_text(json.dumps(summary_json(run), indent=1, default=str))
     written.append(sj)
-    p = plot(data, out_md.parent / "plots" / "max_abs.png")
+    p = plot(run, out_md.parent / PLOT)
     if p:
         written.append(p)
     return written

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import CodecDecoderConfig
+from ..kv_cache import SlidingKVCache
 from ..layers import DecoderLayer, RMSNorm, RotaryEmbedding, causal_mask, check_attn_impl
 from .conv import (
     CausalConv1d,
@@ -44,7 +45,6 @@ from .conv import (
     TransConvState,
 )
 from .quantizer import SplitResidualVectorQuantizer
-from .streaming import SlidingKVCache
 
 
 @dataclass

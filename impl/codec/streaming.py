@@ -12,68 +12,21 @@ KV cache below for the pre-transformer), and the decoder is causal with zero loo
   ``CodecDecoder(codes)`` on all frames, up to float rounding (stack tier) -- not ``chunked_decode``;
 - every pushed frame yields its 1920 samples at once: audio is available after the first frame.
 
-``SlidingKVCache`` duck-types ``impl.layers.KVCache`` (``update`` / ``advance``) so the shared ``Attention``
-runs on it unchanged; it lives here rather than in ``layers.py`` because only the codec needs a window-bounded
-cache (``KVCache`` is preallocated to a fixed capacity and never drops old positions).
+``SlidingKVCache`` (in :mod:`impl.kv_cache`, with the other caches; re-exported here) duck-types
+``impl.kv_cache.KVCache`` (``update`` / ``advance``) so the shared ``Attention`` runs on it unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..kv_cache import SlidingKVCache
+
 if TYPE_CHECKING:
     from .decoder import CodecDecoder, DecoderState
-
-
-@dataclass
-class SlidingKVCache:
-    """Keys/values of the last ``window - 1`` positions of every layer, (B, K, <= window-1, D) each.
-
-    ``length`` counts all positions consumed (the absolute RoPE position of the next frame). ``update`` returns
-    held + new keys for the layer; ``advance(T)`` (called once after all layers ran) drops what no future query
-    can see: query at position p attends keys p-window+1 .. p, so window-1 past keys suffice.
-    Used functionally: the pre-transformer works on ``copy()`` so a state passed in is never mutated.
-    """
-
-    window: int
-    k: list[torch.Tensor | None]
-    v: list[torch.Tensor | None]
-    length: int = 0
-
-    @classmethod
-    def empty(cls, n_layers: int, window: int) -> SlidingKVCache:
-        return cls(window, [None] * n_layers, [None] * n_layers)
-
-    def copy(self) -> SlidingKVCache:
-        return SlidingKVCache(self.window, list(self.k), list(self.v), self.length)
-
-    @property
-    def kept(self) -> int:
-        """Past positions currently held (the same for every layer between calls)."""
-        return 0 if self.k[0] is None else self.k[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v (B, K, T, D) -> held + new (B, K, kept + T, D)."""
-        if self.k[layer] is not None:
-            k = torch.cat((self.k[layer], k), dim=2)
-            v = torch.cat((self.v[layer], v), dim=2)
-        self.k[layer], self.v[layer] = k, v  # untrimmed until advance()
-        return k, v
-
-    def advance(self, t: int) -> None:
-        keep = self.window - 1
-
-        def trim(x: torch.Tensor | None) -> torch.Tensor | None:
-            # clone: a view of the last keys would pin the whole (possibly long) key tensor.
-            return None if x is None else x[:, :, max(x.shape[2] - keep, 0):].clone()
-
-        self.k = [trim(x) for x in self.k]
-        self.v = [trim(x) for x in self.v]
-        self.length += t
 
 
 class DecoderStream:

@@ -1,0 +1,192 @@
+"""The static decode step (``impl/fast_decode.py``) against the eager loop (``impl/generate.py``), which every parity
+row runs on: greedy codes must be exactly equal in fp32 (the issue's "the fast path changes no result").
+
+- ``test_fast_equals_eager``: every mode the checkpoints serve (CustomVoice, VoiceDesign, voice clone with an
+  x-vector and with ICL reference codes), batch 1 and a left-padded batch of three, both attention kernels.
+- ``test_fullgraph_compiles``: ``torch.compile(step, fullgraph=True)`` traces the whole frame (15 predictor steps,
+  the talker step, the token choice) without a graph break (a break raises under ``fullgraph=True``), and the
+  compiled step gives the same codes. The default suite uses the ``aot_eager`` backend: Dynamo's full trace plus
+  AOT functionalisation, which is what capturability needs, in seconds; inductor's C++ code generation takes
+  minutes on a busy 2-core CPU, so the inductor run is ``-m slow``.
+- ``test_cudagraph_equals_eager``: the CUDA-graph path (``-m cuda``; skipped with a reason without CUDA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from impl.fast_decode import (
+    StaticDecoder,
+    clear_decoders,
+    decoder_for,
+    generate_fast,
+    round_capacity,
+)
+from impl.generate import GenerationSettings, generate
+from impl.kv_cache import KVCache, StaticKVCache
+from impl.prompt import build
+
+from .helpers import load_model  # shared helpers live in helpers.py; test files never import each other
+
+TEXTS = ["Hello there, this is a longer sentence for the batch.", "Hi.", "A medium length one here."]
+BUDGET = 24  # tokens: 23 frames at most; long enough for rows to stop at different frames
+
+
+def _requests(tts, variant: str, texts: list[str], icl: bool = False):
+    g = torch.Generator().manual_seed(0)
+    if variant == "custom_voice":
+        return tts.requests(texts, mode="custom_voice", speaker=tts.speakers[0], language="english")
+    if variant == "voice_design":
+        return tts.requests(texts, mode="voice_design", instruct="A calm, low voice.", language="english")
+    C = tts.config.talker_config.hidden_size
+    xvec = [torch.randn(C, generator=g) for _ in texts]  # precomputed x-vectors: no speaker encoder needed
+    if not icl:
+        # Non-streaming text here (voice clone defaults to streaming), so the batch is left-padded.
+        return tts.requests(texts, mode="voice_clone", language="english", xvector=xvec, x_vector_only=True,
+                            non_streaming_text=True)
+    G = tts.config.talker_config.num_code_groups
+    ref_codes = [torch.randint(0, 2048, (5 + i, G), generator=g) for i in range(len(texts))]
+    return tts.requests(texts, mode="voice_clone", language="english", xvector=xvec, ref_codes=ref_codes,
+                        ref_text=["Reference words."] * len(texts))
+
+
+def _assert_same(fast, eager, what: str) -> None:
+    assert len(fast.codes) == len(eager.codes)
+    n_frames = [int(c.shape[0]) for c in eager.codes]
+    assert max(n_frames) >= 3, f"{what}: the eager run made only {n_frames} frames; the comparison would be empty"
+    for i, (f, e) in enumerate(zip(fast.codes, eager.codes)):
+        assert f.shape == e.shape, f"{what} item {i}: fast made {f.shape[0]} frames, eager {e.shape[0]}"
+        if not torch.equal(f, e):
+            frame, group = (f != e).nonzero()[0].tolist()
+            pytest.fail(f"{what} item {i}: codes differ first at frame {frame}, codebook {group}: fast "
+                        f"{int(f[frame, group])}, eager {int(e[frame, group])} (eager margin "
+                        f"{float(eager.margins[i][frame, group]):.3g})")
+    assert fast.stop_reason == eager.stop_reason, what
+    assert fast.n_tokens == eager.n_tokens, what
+    for f, e in zip(fast.hidden, eager.hidden):
+        # Not bit-exact by design: a decode step attends over the whole fixed capacity (masked) instead of the
+        # filled prefix, so the softmax sums run over more (zero) terms. fp32 block tolerance.
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+
+
+CASES = [pytest.param("custom_voice", False, "eager", id="custom_voice-eager"),
+         pytest.param("custom_voice", False, "sdpa", id="custom_voice-sdpa"),
+         pytest.param("voice_design", False, "sdpa", id="voice_design-sdpa"),
+         pytest.param("base", False, "sdpa", id="voice_clone-xvec-sdpa"),
+         pytest.param("base", True, "sdpa", id="voice_clone-icl-sdpa")]
+
+
+@pytest.mark.parametrize("variant,icl,attn", CASES)
+def test_fast_equals_eager(checkpoint_dir, variant: str, icl: bool, attn: str):
+    tts = load_model(checkpoint_dir(variant), "cpu", torch.float32, attn)
+    settings = GenerationSettings.greedy(BUDGET)
+    with torch.inference_mode():
+        for texts in (TEXTS[:1], TEXTS):
+            prompt = build(tts.talker, tts.config, _requests(tts, variant, texts, icl))
+            if len(texts) > 1:
+                assert prompt.has_padding, "the batch must be left-padded to test padded positions"
+            eager = generate(tts.talker, prompt, settings, None, attn)
+            fast = generate(tts.talker, prompt, settings, None, attn, fast="eager")  # the public dispatch
+            _assert_same(fast, eager, f"{variant}{'-icl' if icl else ''} batch {len(texts)} attn {attn}")
+            again = generate_fast(tts.talker, prompt, settings, attn, "eager")  # a reused decoder starts clean
+            _assert_same(again, eager, f"reused decoder, batch {len(texts)}")
+    clear_decoders()
+
+
+def _compiled_run(tts, backend: str, attn: str = "sdpa"):
+    settings = GenerationSettings.greedy(BUDGET)
+    with torch.inference_mode():
+        prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS))
+        eager = generate(tts.talker, prompt, settings, None, attn)
+        b, L, _ = prompt.embeds.shape
+        torch._dynamo.reset()
+        # mode "compile" is torch.compile(fullgraph=True): any graph break raises instead of splitting the step.
+        dec = StaticDecoder(tts.talker, b, round_capacity(L + BUDGET), "cpu", torch.float32, attn, "compile",
+                            compile_backend=backend)
+        dec.load(prompt, settings)
+        for _ in dec.frames_iter():
+            pass
+        return dec.result(), eager
+
+
+def test_fullgraph_compiles(checkpoint_dir):
+    tts = load_model(checkpoint_dir("custom_voice"), "cpu", torch.float32, "sdpa")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    fast, eager = _compiled_run(tts, "aot_eager")
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    _assert_same(fast, eager, "torch.compile(fullgraph=True, backend='aot_eager')")
+
+
+@pytest.mark.slow
+def test_inductor_compile_equals_eager(checkpoint_dir):
+    """Inductor (C++ codegen on CPU): minutes on a busy 2-core machine, so opt-in (``-m slow``)."""
+    tts = load_model(checkpoint_dir("custom_voice"), "cpu", torch.float32, "sdpa")
+    fast, eager = _compiled_run(tts, "inductor")
+    _assert_same(fast, eager, "torch.compile(fullgraph=True) inductor")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["cudagraph", "compile-cudagraph"])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_cudagraph_equals_eager(checkpoint_dir, batch: int, mode: str):
+    """One CUDA graph per batch bucket (1, 2, 4, ...): batch 3 runs in bucket 4 with a finished filler row."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA-graph capture of the static step needs one")
+    tts = load_model(checkpoint_dir("custom_voice"), "cuda", torch.float32, "sdpa")
+    settings = GenerationSettings.greedy(BUDGET)
+    with torch.inference_mode():
+        prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS[:batch]))
+        eager = generate(tts.talker, prompt, settings, None, "sdpa")
+        fast = generate_fast(tts.talker, prompt, settings, "sdpa", mode)
+        again = generate_fast(tts.talker, prompt, settings, "sdpa", mode)  # replays the captured graph
+    _assert_same(fast, eager, f"{mode} batch {batch}")
+    _assert_same(again, eager, f"{mode} replay batch {batch}")
+    clear_decoders()
+
+
+def test_bucket_filler_rows_change_nothing(checkpoint_dir):
+    """A batch of 3 in a bucket of 4 (how a CUDA graph serves any batch size): the filler row is finished from
+    the start and dropped; the three real rows get the eager loop's codes."""
+    tts = load_model(checkpoint_dir("custom_voice"), "cpu", torch.float32, "sdpa")
+    settings = GenerationSettings.greedy(BUDGET)
+    with torch.inference_mode():
+        prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS))
+        eager = generate(tts.talker, prompt, settings, None, "sdpa")
+        dec = decoder_for(tts.talker, prompt, settings, "sdpa", "eager", batch_bucket=4)
+        assert dec.B == 4
+        dec.load(prompt, settings)
+        for _ in dec.frames_iter():
+            pass
+        _assert_same(dec.result(), eager, "batch 3 in bucket 4")
+    clear_decoders()
+
+
+def test_static_cache_writes_like_kvcache():
+    """A write at a device-tensor position lands where the host-position cache puts it."""
+    g = torch.Generator().manual_seed(0)
+    ref = KVCache.allocate(2, 2, 3, 10, 4, "cpu", torch.float32)
+    st = StaticKVCache(torch.zeros_like(ref.k), torch.zeros_like(ref.v))
+    for T in (4, 1, 1):
+        k, v = torch.randn(2, 3, T, 4, generator=g), torch.randn(2, 3, T, 4, generator=g)
+        for layer in range(2):
+            rk, _ = ref.update(layer, k, v)
+            sk, sv = st.update(layer, k, v)
+            assert sk.shape[2] == 10, "the static cache returns its whole capacity"
+            assert torch.equal(sk[:, :, : rk.shape[2]], rk)
+        ref.advance(T)
+        st.advance(T)
+        assert int(st.pos) == ref.length
+    assert torch.equal(st.k, ref.k) and torch.equal(st.v, ref.v)
+
+
+def test_fast_path_refuses_sampling(checkpoint_dir):
+    tts = load_model(checkpoint_dir("custom_voice"), "cpu", torch.float32, "sdpa")
+    with torch.inference_mode():
+        prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS[:1]))
+        with pytest.raises(ValueError, match="greedy only"):
+            generate_fast(tts.talker, prompt, tts.settings(greedy=False, max_new_frames=4), "sdpa", "eager")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        StaticDecoder(tts.talker, 1, 128, "cpu", torch.float32, "sdpa", "cudagraph")

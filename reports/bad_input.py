@@ -1,0 +1,58 @@
+"""The "Bad input" section of ``VALIDATION.md``: one row per bad-input case the tests checked.
+
+Rows come from ``results.json``'s ``"bad_input"`` list, which the ``bad_input`` fixture (conftest.py) fills only
+after a test has asserted the message (one line, naming the file/key/value) and that no file was created or
+changed. A bad-input test that failed records nothing for the failing case, so the section also lists the
+failed tests of the files that record cases (and of ``test_bad_input_*``) by name: a missing row is never silent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tabulate import tabulate
+
+MIN_CASES = 40  # what the bad-input issue asks the report to show
+MAX_MESSAGE = 220  # characters of a message shown in the table
+
+
+def _cell(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One Markdown table cell: a single line, pipes escaped, long text cut with an ellipsis."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def bad_input_section(data: dict[str, Any]) -> list[str]:
+    """Markdown lines for the section (empty when the results hold no bad-input cases and no such tests)."""
+    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict)]
+    tests = data.get("tests") or {}
+    # The files that record bad-input cases (and every test_bad_input_* file, in case all of its tests failed).
+    files = {str(c.get("nodeid", "")).split("::")[0] for c in cases} - {""}
+    failed = sorted(t for t, o in tests.items() if o not in ("passed", "skipped")
+                    and (t.split("::")[0] in files or "test_bad_input_" in t))
+    if not cases and not failed:
+        return []
+    lines = ["## Bad input", ""]
+    status = "✅" if len(cases) >= MIN_CASES and not failed else "❌"
+    by_outcome = Counter(c.get("outcome", "") for c in cases)
+    shown = ", ".join(f"`{f}`" for f in sorted(files)) or "`parity_tests/test_bad_input_*.py`"
+    lines += [f"{status} {len(cases)} bad inputs checked (at least {MIN_CASES} expected), by the tests in "
+              f"{shown}: each asserted the line the user sees (one line, naming the "
+              "file, key or value) and, where a file could be written, that none was created or changed, before "
+              "recording it here. "
+              "Outcomes: " + "; ".join(f"{n} × {o}" for o, n in by_outcome.most_common()) + ".", ""]
+    if failed:
+        lines += ["Failed bad-input tests (their cases are missing below):", ""]
+        lines += [f"- `{t}`: {tests[t]}" for t in failed] + [""]
+    rows = [[_cell(c.get("surface", ""), 40), _cell(c.get("case", ""), 80), _cell(c.get("outcome", ""), 60),
+             _cell(c.get("message", ""))]
+            for c in sorted(cases, key=lambda c: str(c.get("surface", "")))]  # stable: test order kept
+    lines += [tabulate(rows, headers=["surface", "case", "outcome", "message (what the user sees)"],
+                       tablefmt="github"), ""]
+    return lines
+
+
+__all__ = ["MIN_CASES", "bad_input_section"]

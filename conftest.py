@@ -268,14 +268,16 @@ def record(request, preset):
 
 
 @pytest.fixture
-def bad_input(request):
+def bad_input(request, tmp_path_factory):
     """``bad_input(case, outcome, message, surface="")`` records one bad-input case for the report's "Bad input"
     section. ``outcome`` says what happened (e.g. "one-line error", "refused", "handled"); ``message`` is the line
-    the user saw. Record it after asserting on it, so that a recorded case is one whose test checked it."""
+    the user saw. Record it after asserting on it, so that a recorded case is one whose test checked it. The
+    session's temporary folder is shown as ``<tmp>``, so the report does not change from run to run."""
+    base = str(tmp_path_factory.getbasetemp())
 
     def add(case: str, outcome: str, message: str, surface: str = "") -> None:
         _RESULTS.bad_input.append({"nodeid": request.node.nodeid, "surface": surface, "case": case,
-                                   "outcome": outcome, "message": message})
+                                   "outcome": outcome, "message": message.replace(base, "<tmp>")})
 
     return add
 

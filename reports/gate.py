@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .results import ROOT, ResultsError, RunResults, check_fresh, load
+from .results import ROOT, ResultsError, RunResults, check_fresh, load, read_json
 
 GROWTH = 10.0
 FLOOR = 1e-9
@@ -91,16 +91,8 @@ def check(run: RunResults, baseline: dict[str, Any], sections: list[RunResults] 
 
 def _read_baseline(path: Path) -> dict[str, Any]:
     """The baseline as a dict; any problem is one ResultsError line naming the file."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: baseline missing; create it with `python -m reports gate --update`") from None
-    if not text.strip():
-        raise ResultsError(f"{path}: baseline is empty; recreate it with `python -m reports gate --update`")
-    try:
-        b = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{path}: baseline is not valid JSON ({e})") from None
+    b = read_json(path, str(path), "baseline missing; create it with `python -m reports gate --update`",
+                  "baseline is empty; recreate it with `python -m reports gate --update`", "baseline is ")
     if not isinstance(b, dict) or not isinstance(b.get("rows"), dict):
         got = type(b).__name__ if not isinstance(b, dict) else f"'rows' is {type(b.get('rows')).__name__}"
         raise ResultsError(f"{path}: not a baseline (expected an object with a 'rows' object; got {got})")

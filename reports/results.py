@@ -301,21 +301,28 @@ class RunResults:
                    extra={k: v for k, v in d.items() if k not in known}, source=source)
 
 
-def load(path: Path, shown: str | None = None) -> RunResults:
-    """Read a results file; any problem is one ``ResultsError`` line naming the file."""
-    name = shown or str(path)
+def read_json(path: Path, name: str, missing: str, empty: str, invalid: str = "") -> Any:
+    """A JSON file's content; a missing, unreadable, empty or non-JSON file is one ``ResultsError`` line naming it
+    (``missing``/``empty`` say what to do; ``invalid`` prefixes "not valid JSON")."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise ResultsError(f"{name}: no results (run the parity suite first: ./run.sh report)") from None
+        raise ResultsError(f"{name}: {missing}") from None
     except OSError as e:
         raise ResultsError(f"{name}: cannot read ({e.strerror})") from None
     if not text.strip():
-        raise ResultsError(f"{name}: empty file (not a results file)")
+        raise ResultsError(f"{name}: {empty}")
     try:
-        d = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ResultsError(f"{name}: not valid JSON ({e})") from None
+        raise ResultsError(f"{name}: {invalid}not valid JSON ({e})") from None
+
+
+def load(path: Path, shown: str | None = None) -> RunResults:
+    """Read a results file; any problem is one ``ResultsError`` line naming the file."""
+    name = shown or str(path)
+    d = read_json(path, name, "no results (run the parity suite first: ./run.sh report)",
+                  "empty file (not a results file)")
     return RunResults.from_json(d, name)
 
 

@@ -4,7 +4,7 @@ collector that writes ``reports/results.json`` for ``python -m reports``.
 Options: ``--preset tiny|0.6b|1.7b``, ``--checkpoint PATH`` (a real checkpoint folder; tests for other variants
 skip with a reason), ``--device cpu|cuda``, ``--dtype float32|bfloat16``, ``--attn eager|sdpa``, ``--refs DIR``
 (use pre-captured reference files ``DIR/<case>--<variant>.h5`` instead of capturing; a missing one fails),
-``--results PATH``.
+``--tf32 off|on`` (CUDA only; default off), ``--results PATH`` (default: ``results_path(device, dtype)``).
 
 Built artefacts live under ``$QWEN3TTS_CACHE`` (default ``.cache/`` in the repo), keyed by everything that
 decides their content (preset, variant, seed and the synth code's hash for checkpoints; the checkpoint hash,
@@ -28,11 +28,30 @@ import torch
 
 ROOT = Path(__file__).parent
 CACHE = Path(os.environ.get("QWEN3TTS_CACHE", ROOT / ".cache"))
-DEFAULT_RESULTS = ROOT / "reports" / "results.json"
 SEED = 0
 
 
+def results_path(device: str, dtype: str, root: Path = ROOT) -> Path:
+    """Where a run on ``device``/``dtype`` writes its results by default: ``reports/results.json`` for the CPU fp32
+    run the baseline gates; ``reports/results-cuda.json``, ``results-cuda-bfloat16.json``,
+    ``results-cpu-bfloat16.json`` for the others (rendered as their own sections, never mixed with the CPU rows)."""
+    kind = "cuda" if device.startswith("cuda") else device
+    if kind == "cpu" and dtype == "float32":
+        return root / "reports" / "results.json"
+    return root / "reports" / ("results-" + kind + ("" if dtype == "float32" else f"-{dtype}") + ".json")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 is a setting of the harness, never PyTorch's default: cuDNN convolutions default to TF32 on, matmuls to
+    off, which made fp32 CUDA codec rows differ from upstream's CPU by ~5e-3. Both are set together and recorded in
+    every CUDA row's provenance."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if str(config.getoption("--device")).startswith("cuda"):
+        set_tf32(config.getoption("--tf32") == "on")
     # Tiny models are dispatch-bound: one intra-op thread is faster than two (measured 4-15x on a busy 2-core
     # machine for frame-at-a-time generation and streaming). QWEN3TTS_THREADS overrides.
     n = os.environ.get("QWEN3TTS_THREADS")
@@ -48,7 +67,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--dtype", default="float32", choices=["float32", "bfloat16"], help="impl dtype")
     g.addoption("--attn", default="eager", choices=["eager", "sdpa"], help="impl attention implementation")
     g.addoption("--refs", default=None, help="folder of pre-captured references (<case>--<variant>.h5)")
-    g.addoption("--results", default=str(DEFAULT_RESULTS), help="where to write results.json")
+    g.addoption("--tf32", default="off", choices=["off", "on"],
+                help="CUDA: TF32 for matmuls and cuDNN convolutions, both sides (default off: fp32 rows are fp32)")
+    g.addoption("--results", default=None,
+                help="where to write the results (default reports/results.json for CPU fp32, "
+                     "reports/results-<device>[-<dtype>].json otherwise)")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -162,43 +185,59 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn: str = "eager",
-                   dtype: str = "float32"):
-    """Capture (once) or find the reference file of ``case_name`` on ``ckpt``; return an open ``RefFile``."""
+                   dtype: str = "float32", device: str = "cpu", codec_dtype: str | None = None):
+    """Capture (once) or find the reference file of ``case_name`` on ``ckpt``, upstream run on ``device`` in
+    ``dtype`` (``codec_dtype`` for the speech tokenizer; default float32, float64 with float64); return an open
+    ``RefFile``."""
     from reference_export.cases import get_case
+    from reference_export.export import codec_dtype_for
     from reference_export.h5io import RefFile
     from reference_export.synth import checkpoint_sha256
 
     sha = checkpoint_sha256(ckpt)
     variant = json.loads((ckpt / "config.json").read_text())["tts_model_type"]
+    codec_dtype = codec_dtype or codec_dtype_for(dtype)
     if refs_dir:
-        # Pre-captured references: a missing file is a failure, never a pass.
-        return RefFile(Path(refs_dir) / f"{case_name}--{variant}.h5", expect_checkpoint_sha256=sha)
+        # Pre-captured references: a missing file is a failure, never a pass. Only the CPU fp32 set is named
+        # plainly; others carry their device and dtypes.
+        tag = "" if (device, dtype, codec_dtype) == ("cpu", "float32", "float32") else \
+            f"--{device.replace(':', '')}-{dtype}-{codec_dtype}"
+        return RefFile(Path(refs_dir) / f"{case_name}--{variant}{tag}.h5", expect_checkpoint_sha256=sha)
     case = get_case(case_name)
     use_attn = case.attn or attn
-    key = f"{sha[:16]}-{case_name}-{dtype}-{use_attn}-{_src_hash(*CAPTURE_SOURCES)}"
+    dev_tag = device.replace(":", "")
+    key = f"{sha[:16]}-{case_name}-{dev_tag}-{dtype}-{codec_dtype}-{use_attn}-{_src_hash(*CAPTURE_SOURCES)}"
     out = CACHE / "refs" / f"{key}.h5"
     with _lock(key):
         if not out.exists():
             from reference_export.export import DTYPES, capture_case
             from reference_export.upstream import load_upstream
 
-            ukey = (str(ckpt), dtype, use_attn)
+            ukey = (str(ckpt), device, dtype, codec_dtype, use_attn)
             if ukey not in _UPSTREAM:
                 _UPSTREAM.clear()  # one upstream model in memory at a time
-                _UPSTREAM[ukey] = load_upstream(ckpt, dtype=DTYPES[dtype], attn=use_attn)
-            capture_case(case_name, ckpt, out, dtype=dtype, attn=use_attn, seed=SEED, upstream=_UPSTREAM[ukey],
-                         progress=False)
+                _UPSTREAM[ukey] = load_upstream(ckpt, device=device, dtype=DTYPES[dtype], attn=use_attn,
+                                                codec_dtype=DTYPES[codec_dtype])
+            capture_case(case_name, ckpt, out, device=device, dtype=dtype, attn=use_attn, seed=SEED,
+                         upstream=_UPSTREAM[ukey], progress=False, codec_dtype=codec_dtype)
     return RefFile(out, expect_checkpoint_sha256=sha)
 
 
 @pytest.fixture(scope="session")
 def reference(request, checkpoint_dir):
-    """``reference(case_name, variant, preset=None, dtype="float32") -> RefFile``."""
+    """``reference(case_name, variant, preset=None, dtype="float32", device=None, codec_dtype=None) -> RefFile``.
+
+    ``device`` defaults to the session's ``--device``: on a CUDA run every row compares ours with upstream run on
+    the same device (same kernels, same generator for sampled rows). Pass ``device="cpu"`` for the truth a
+    three-way row measures both against."""
     refs_dir = request.config.getoption("--refs")
+    session_device = request.config.getoption("--device")
     opened = []
 
-    def get(case_name: str, variant: str, preset_override: str | None = None, dtype: str = "float32"):
-        r = reference_file(case_name, checkpoint_dir(variant, preset_override), refs_dir, dtype=dtype)
+    def get(case_name: str, variant: str, preset_override: str | None = None, dtype: str = "float32",
+            device: str | None = None, codec_dtype: str | None = None):
+        r = reference_file(case_name, checkpoint_dir(variant, preset_override), refs_dir, dtype=dtype,
+                           device=device or session_device, codec_dtype=codec_dtype)
         opened.append(r)
         return r
 
@@ -293,10 +332,20 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _RESULTS.log(report)
 
 
+def _device_info(device: str) -> dict:
+    from reference_export.export import device_info
+
+    try:
+        return device_info(device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # no such device: the run skipped its tests
+        return {"device": device, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if getattr(session.config, "workerinput", None) is not None:
         return
-    path = Path(session.config.getoption("--results"))
+    path = Path(session.config.getoption("--results") or results_path(session.config.getoption("--device"),
+                                                                        session.config.getoption("--dtype")))
     outcomes = list(_RESULTS.outcomes.values())
     vers = {"torch": str(torch.__version__)}
     try:
@@ -318,6 +367,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             "preset": session.config.getoption("--preset"), "checkpoint": session.config.getoption("--checkpoint"),
             "device": session.config.getoption("--device"), "dtype": session.config.getoption("--dtype"),
             "attn": session.config.getoption("--attn"), "markexpr": session.config.getoption("-m") or "",
+            "tf32": session.config.getoption("--tf32"), "device_info": _device_info(session.config.getoption("--device")),
         },
         summary={
             "collected": session.testscollected, "passed": outcomes.count("passed"),

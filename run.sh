@@ -3,7 +3,8 @@
 # requirements.lock) the first time, and again whenever requirements.lock changes.
 #   ./run.sh report [--preset tiny] [pytest args…]  build synthetic checkpoints, capture upstream references,
 #                                                   run the parity suite, write reports/VALIDATION.md
-#   ./run.sh test [pytest args…]                    the default test suite (what CI runs), then the CI gate
+#   ./run.sh test [pytest args…]                    the default test suite (what CI runs), then the CI gate;
+#                                                   on a GPU: ./run.sh test --device cuda [--dtype bfloat16]
 #   ./run.sh bench --model DIR [bench args…]        speed: ours vs upstream on one folder (python -m impl bench)
 #   ./run.sh setup                                  only create/refresh the virtualenv
 set -euo pipefail
@@ -40,8 +41,22 @@ case "$cmd" in
     test)
         setup
         "$PY" -m ruff check --quiet . || { echo "run.sh: ruff found problems (see above)" >&2; exit 1; }
+        # The results file this run writes (conftest.results_path): reports/results.json for CPU fp32, gated
+        # against the baseline; reports/results-cuda[-bfloat16].json etc. for other devices/dtypes, gated on
+        # themselves. An explicit --results wins.
+        device=cpu dtype=float32 results=""
+        prev=""
+        for a in "$@"; do
+            case "$prev" in --device) device=$a ;; --dtype) dtype=$a ;; --results) results=$a ;; esac
+            case "$a" in --device=*) device=${a#--device=} ;; --dtype=*) dtype=${a#--dtype=} ;;
+                         --results=*) results=${a#--results=} ;; esac
+            prev=$a
+        done
+        if [ -z "$results" ]; then
+            results=$("$PY" -c 'import sys; from conftest import results_path; print(results_path(sys.argv[1], sys.argv[2]))' "$device" "$dtype")
+        fi
         "$PY" -m pytest -q "$@"
-        exec "$PY" -m reports gate
+        exec "$PY" -m reports gate --results "$results"
         ;;
     *) echo "usage: ./run.sh {report|test|bench|setup} [args…]" >&2; exit 2 ;;
 esac

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--codec-dtype", choices=sorted(DTYPES), default="float32",
                    help="codec precision (fp32 default: upstream's codec overflows in bf16)")
     s.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
+    s.add_argument("--fast", choices=["eager", "compile", "cudagraph", "compile-cudagraph"], default=None,
+                   help="greedy generation on the static decode step (impl.fast_decode; needs --greedy)")
     return p
 
 
@@ -127,7 +129,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     t0 = time.time()
     tts = Qwen3TTS.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                    codec_dtype=getattr(torch, DTYPES[args.codec_dtype]),
-                                   attn=args.attn)
+                                   attn=args.attn, fast=args.fast)
     _ = tts.codec  # load (and check) the codec now: a broken one must fail before the generation, not after it
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       repetition_penalty=args.repetition_penalty).items() if v is not None}

@@ -54,7 +54,12 @@ class AudioTooShortError(AudioInputError):
 
 def to_mono(wav: np.ndarray, name: str = "reference array") -> np.ndarray:
     """(T,), (T, C) or (C, T) -> (T,) float32; channels averaged in float32 (as ``np.mean`` in upstream and
-    librosa). Integer PCM is scaled to [-1, 1] (int16 / 32768, as soundfile reads integer files)."""
+    librosa). Integer PCM is scaled to [-1, 1] (int16 / 32768, as soundfile reads integer files). A torch tensor
+    may be on any device and in any dtype (bf16 has no numpy twin: it is read as float32)."""
+    if hasattr(wav, "detach") and hasattr(wav, "cpu"):  # torch.Tensor, without importing torch here
+        wav = wav.detach().cpu()
+        wav = wav.float() if str(wav.dtype) == "torch.bfloat16" else wav
+        wav = wav.numpy()
     wav = np.asarray(wav)
     if wav.dtype.kind in "iu":
         info = np.iinfo(wav.dtype)

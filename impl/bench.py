@@ -320,6 +320,10 @@ def measure_ours(args: argparse.Namespace, device: torch.device, dtype: torch.dt
                         t, _, _ = _median_time(first_eager, device, args.warmup, args.repeats)
                         r.setdefault("first_audio_ms_eager_stream", {})[chunk] = t * 1e3
             out["batches"][b] = r
+            # Each batch size's decoder (KV cache, buffers, CUDA graph pool) goes before the next one is built, as
+            # upstream frees its caches after each call: the peak is the largest batch's, not their sum.
+            clear_decoders()
+            gc.collect()
         out["peak_mem_gb"] = mem.peak_so_far_gb()
         if args.profile and 1 in out["batches"]:
             out["batches"][1]["profile"] = {name: profile_frames(fn, device, n) for name, fn, n in to_profile}

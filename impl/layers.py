@@ -77,7 +77,7 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dev_type = x.device.type if x.device.type != "mps" else "cpu"
+        dev_type = x.device.type if x.device.type not in ("mps", "meta") else "cpu"  # no autocast there
         with torch.autocast(device_type=dev_type, enabled=False):
             freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.float()  # (..., T, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): the same angle in both halves

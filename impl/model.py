@@ -9,6 +9,15 @@ clone), sampling defaults (argument > ``generation_config.json`` > upstream's ha
 Deliberate differences: a dropped ``instruct`` (0.6B CustomVoice, voice clone) warns instead of vanishing;
 ``max_new_frames`` counts frames (upstream's ``max_new_tokens`` = frames + 1); budget exhaustion is reported per
 item; Base modes accept a precomputed ``xvector=`` and ``ref_codes=``.
+
+Devices (``from_pretrained(device=...)`` is "the model device"): user inputs -- reference wavs (numpy, or torch
+tensors on any device, any float dtype), ``xvector=``, ``ref_codes=`` -- may be on CPU or on the model device; they
+are moved once, at this API boundary. Tensors come back on the model device: :meth:`Qwen3TTS.xvector` (C,),
+:meth:`Qwen3TTS.encode_reference` (F, 16) int64, and every tensor of :meth:`Qwen3TTS.generate_codes`'s result
+(codes, hidden, margins, ref_codes), so they feed straight back in. Audio comes back on the host: float32 numpy
+from :meth:`Qwen3TTS.decode`, :meth:`Qwen3TTS.synthesize` and :meth:`Qwen3TTS.stream`. Tensors impl creates take
+their device from the weights or the input they meet (``parity_tests/test_device_placement.py`` scans for
+factories without ``device=`` and runs the API with its weights on ``meta`` and its inputs on CPU).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from .generate import (
     generate,
 )
 from .layers import check_attn_impl
-from .loading import CheckpointError, load_into, read_state_dict, weight_files
+from .loading import CheckpointError, load_module, weight_files
 from .prompt import (
     PromptError,
     PromptRequest,
@@ -177,16 +186,30 @@ class Qwen3TTS:
         self._codec = None
         self.codec_dtype = torch.float32
         self._speaker_encoder = None
+        self.fast: str | None = None  # from_pretrained(fast=...): greedy generate_codes on impl.fast_decode
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        attn: str = "sdpa", codec_dtype: torch.dtype = torch.float32) -> Qwen3TTS:
+                        attn: str = "sdpa", codec_dtype: torch.dtype = torch.float32,
+                        fast: str | None = None) -> Qwen3TTS:
+        """Load a checkpoint folder (never downloads). ``fast``: None (the eager loop, every parity row's path) or a
+        mode of :mod:`impl.fast_decode` (``"eager"``, ``"compile"``, ``"cudagraph"``, ``"compile-cudagraph"``;
+        the CUDA-graph modes need a CUDA device): :meth:`generate_codes` / :meth:`synthesize` then run greedy
+        generation on the static decode step (same codes as the eager loop, exactly in fp32). The fast path is
+        greedy only: with ``fast`` set, a call that samples (``greedy=False`` with ``do_sample`` on) raises
+        ``ValueError``. :meth:`stream` always runs the eager loop."""
+        from .fast_decode import MODES as FAST_MODES
         from .text_tokenizer import TextTokenizer
+
+        if fast is not None and fast not in FAST_MODES:
+            raise ValueError(f"fast={fast!r} is not one of {FAST_MODES} (or None for the eager loop)")
 
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a checkpoint folder (impl never downloads)")
         device = resolve_device(device)  # before anything slow: a missing CUDA is the user's first mistake
+        if fast is not None and "cudagraph" in fast and device.type != "cuda":
+            raise ValueError(f"fast={fast!r} needs a CUDA device, got {device} (use fast='eager' or 'compile')")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype")
         cfg = Qwen3TTSConfig.from_file(folder / "config.json")
@@ -198,17 +221,15 @@ class Qwen3TTS:
                                   "with config.json and model.safetensors)")
         weight_files(st)  # raises naming speech_tokenizer/ when it holds no weights
         _check_top_level_keys(folder)
-        with torch.device("meta"):  # no random init of weights the checkpoint replaces (seconds at 1.7B)
-            talker = Talker(cfg.talker_config)
-        talker = talker.to_empty(device=device).to(dtype)
-        state = read_state_dict(folder, prefix="talker.", dtype=dtype, device=device)
-        load_into(talker, state, str(folder / "model.safetensors"), prefix="talker.")
-        talker.eval()
+        # Built on meta, the checkpoint's tensors become the parameters: the weights once in memory.
+        talker = load_module(lambda: Talker(cfg.talker_config), folder, "talker.", device, dtype,
+                             where=str(folder / "model.safetensors"))
         gen_cfg = read_generation_config(folder / "generation_config.json")
         tts = cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype, check_attn_impl(attn))
         # The codec stays fp32 by default whatever ``dtype`` is: upstream's codec overflows to NaN in bf16
         # (SnakeBeta's exp); bf16 remains selectable for measurement.
         tts.codec_dtype = codec_dtype
+        tts.fast = fast
         return tts
 
     # -- lazily loaded parts ---------------------------------------------------------------------------------
@@ -233,10 +254,8 @@ class Qwen3TTS:
             se_cfg = self.config.speaker_encoder_config
             if se_cfg is None:
                 raise PromptError(f"a {self.config.tts_model_type!r} checkpoint has no speaker encoder")
-            enc = SpeakerEncoder(se_cfg)
-            state = read_state_dict(self.folder, prefix="speaker_encoder.", dtype=self.dtype)
-            load_into(enc, state, str(self.folder / "model.safetensors"), prefix="speaker_encoder.")
-            self._speaker_encoder = enc.to(device=self.device, dtype=self.dtype).eval()
+            self._speaker_encoder = load_module(lambda: SpeakerEncoder(se_cfg), self.folder, "speaker_encoder.",
+                                                self.device, self.dtype, where=str(self.folder / "model.safetensors"))
         return self._speaker_encoder
 
     @property
@@ -355,12 +374,13 @@ class Qwen3TTS:
                 ref_codes = [self.encode_reference(a) for a in _as_list(ref_audio, n, "ref_audio")]
             rcodes = _as_list(ref_codes if isinstance(ref_codes, (list, tuple)) else [ref_codes], n, "ref_codes")
         for i, r in enumerate(reqs):
-            r.xvector = _check_xvector(xvecs[i], i, self.talker.cfg.hidden_size)
+            r.xvector = _check_xvector(xvecs[i], i, self.talker.cfg.hidden_size).to(self.device)  # moved once
             if not xvo[i]:
                 if not rtexts[i]:
                     raise PromptError(f"ref_text is required for ICL voice clone (item {i}); or x_vector_only=True")
                 r.ref_ids = self._ids(ref_text(rtexts[i]))
-                r.ref_codes = torch.as_tensor(rcodes[i]).long()
+                # On the model device: the prompt embeds them and decode()/callers cat them with the new codes.
+                r.ref_codes = torch.as_tensor(rcodes[i], device=self.device).long()
 
     # -- audio helpers (codec / speaker encoder / audio written by others; imported lazily) ------------------
 
@@ -372,13 +392,15 @@ class Qwen3TTS:
         return load_reference_audio(audio)
 
     def xvector(self, audio) -> torch.Tensor:
-        """Speaker embedding (C,) of reference audio (path or (wav, sr)), resampled to 24 kHz first."""
+        """Speaker embedding (C,) of reference audio (path or (wav, sr)), resampled to 24 kHz first; on the model
+        device, in the model dtype (the wav may be numpy or a tensor on any device)."""
         from .speaker_encoder import extract_xvector
 
         return extract_xvector(self.speaker_encoder, self._load_audio(audio), SAMPLE_RATE)
 
     def encode_reference(self, audio) -> torch.Tensor:
-        """Reference codes (F, 16) of audio (path or (wav, sr)), via the codec encoder at 24 kHz."""
+        """Reference codes (F, 16) int64 of audio (path or (wav, sr)), via the codec encoder at 24 kHz; on the model
+        device (the wav may be numpy or a tensor on any device)."""
         wav = torch.from_numpy(self._load_audio(audio))[None]  # (1, T)
         p = next(self.codec.parameters())
         with torch.inference_mode():
@@ -394,19 +416,29 @@ class Qwen3TTS:
                        non_streaming_text: bool | None = None, greedy: bool = False, seed: int | None = None,
                        max_new_frames: int | None = None, xvector=None, ref_codes=None,
                        **sampling) -> GenerationResult:
-        """Codes (F_i, 16) per text, with talker hidden states, stop reasons and per-decision margins."""
+        """Codes (F_i, 16) per text, with talker hidden states, stop reasons and per-decision margins; every tensor
+        of the result (``ref_codes`` included) is on the model device, whatever device ``xvector=`` /
+        ``ref_codes=`` came on."""
         settings = self.settings(greedy, max_new_frames, **sampling)  # cheap checks before the prompt work
+        fast = self._fast_mode(settings)
         reqs = self.requests(text, mode, speaker, language, instruct, ref_audio, ref_text, x_vector_only,
                              non_streaming_text, xvector, ref_codes)
         if max_new_frames is None:
             settings = self.settings(greedy, None, max(len(r.input_ids) for r in reqs), **sampling)
         prompt = build(self.talker, self.config, reqs)
-        res = generate(self.talker, prompt, settings, make_generator(seed, self.device), self.attn)
+        res = generate(self.talker, prompt, settings, make_generator(seed, self.device), self.attn, fast=fast)
         res.ref_codes = [r.ref_codes for r in reqs]
         return res
 
+    def _fast_mode(self, settings: GenerationSettings) -> str | None:
+        """``self.fast`` when set (after checking the settings are greedy), else None (the eager loop)."""
+        if self.fast is not None and (settings.talker.do_sample or settings.predictor.do_sample):
+            raise ValueError(f"fast={self.fast!r} runs greedy generation only, but this call samples (do_sample "
+                             "from the arguments or generation_config.json): pass greedy=True, or load without fast")
+        return self.fast
+
     def decode(self, result: GenerationResult) -> list[np.ndarray]:
-        """Waveforms (float32, 24 kHz) of a result; ICL rows decode reference + new frames, then cut the reference
+        """Waveforms (float32 numpy, 24 kHz; codes on any device) of a result; ICL rows decode reference + new frames, then cut the reference
         part as upstream does (``int(ref_len / total_len * len(wav))`` samples)."""
         seqs = []
         for i, c in enumerate(result.codes):
@@ -426,14 +458,14 @@ class Qwen3TTS:
         return out
 
     def synthesize(self, text: str | list[str], **kwargs) -> tuple[np.ndarray | list[np.ndarray], int]:
-        """(wav float32 mono, 24000); a list of wavs for a list of texts. Same arguments as generate_codes."""
+        """(wav float32 mono numpy, 24000); a list of wavs for a list of texts. Same arguments as generate_codes."""
         res = self.generate_codes(text, **kwargs)
         wavs = self.decode(res)
         return (wavs[0] if isinstance(text, str) else wavs), SAMPLE_RATE
 
     @torch.inference_mode()
     def stream(self, text: str, chunk_frames: int = 4, **kwargs) -> Iterator[np.ndarray]:
-        """Audio chunks (float32, 24 kHz, ``chunk_frames`` x 1920 samples, the last one shorter) as frames are
+        """Audio chunks (float32 numpy, 24 kHz, ``chunk_frames`` x 1920 samples, the last one shorter) as frames are
         generated, for one text; same arguments as :meth:`generate_codes`.
 
         The codec decoder carries its state across pushes (``impl.codec.streaming.DecoderStream``), so the chunks

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reports.compare import CompareResult, compare, tier_for
+from reports.compare import CompareResult, compare, compare_three_way, tier_for
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,28 @@ def compare_row(row: Row, got: dict[str, torch.Tensor], ref, step: int | None = 
             continue
         r = ref.tap(name) if step is None else ref.tap_steps(name)[step]
         out.append(compare(name, got[name].float(), r.float(), tier))
+    if not out:
+        raise AssertionError(f"row {row.name!r} compares nothing")
+    return out
+
+
+def compare_row_three_way(row: Row, got: dict[str, torch.Tensor], ref_dev, truth, precision: str,
+                          where: str = "") -> list[CompareResult]:
+    """A CUDA/bf16 row: every float tap of ``row`` judged three ways (``reports.compare.compare_three_way``): ours
+    (``got``) against upstream on the same device/dtype (``ref_dev``) and both against ``truth`` (upstream fp32 on
+    CPU, or fp64). Integer taps are compared exactly with ``ref_dev``. A tap missing from any of the three fails."""
+    out = []
+    for name in row.taps:
+        absent = [w for w, ok in ((f"the reference {ref_dev.path.name}", ref_dev.has(name)),
+                                  (f"the truth {truth.path.name}", truth.has(name)), ("impl", name in got)) if not ok]
+        if absent:
+            out.append(missing(name, absent[0], "three_way"))
+            continue
+        dev_t, tru_t = ref_dev.tap(name), truth.tap(name)
+        if not dev_t.is_floating_point():
+            out.append(compare(name, got[name], dev_t, "exact"))
+            continue
+        out.append(compare_three_way(name, got[name], dev_t, tru_t, precision, where))
     if not out:
         raise AssertionError(f"row {row.name!r} compares nothing")
     return out

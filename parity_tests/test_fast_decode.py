@@ -190,3 +190,26 @@ def test_fast_path_refuses_sampling(checkpoint_dir):
             generate_fast(tts.talker, prompt, tts.settings(greedy=False, max_new_frames=4), "sdpa", "eager")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         StaticDecoder(tts.talker, 1, 128, "cpu", torch.float32, "sdpa", "cudagraph")
+
+
+def test_api_fast_equals_eager_api(checkpoint_dir):
+    """``Qwen3TTS.from_pretrained(..., fast="eager")``: the public API's greedy codes equal the eager API's
+    exactly (fp32, CPU), for one text and a left-padded batch; a sampling call and a bad mode raise one line."""
+    from impl.model import Qwen3TTS
+
+    ckpt = checkpoint_dir("custom_voice")
+    eager = load_model(ckpt, "cpu", torch.float32, "sdpa")
+    fast = Qwen3TTS.from_pretrained(ckpt, device="cpu", dtype=torch.float32, attn="sdpa", fast="eager")
+    spk = eager.speakers[0]
+    for texts in (TEXTS[0], TEXTS):
+        kw = dict(speaker=spk, language="english", greedy=True, max_new_frames=BUDGET - 1)
+        want, got = eager.generate_codes(texts, **kw), fast.generate_codes(texts, **kw)
+        _assert_same(got, want, f"API fast='eager' vs eager API ({len(want.codes)} text(s))")
+        assert got.stop_reason == want.stop_reason
+    with pytest.raises(ValueError, match="greedy generation only"):
+        fast.generate_codes(TEXTS[0], speaker=spk, greedy=False, do_sample=True, max_new_frames=4)
+    with pytest.raises(ValueError, match="is not one of"):
+        Qwen3TTS.from_pretrained(ckpt, fast="turbo")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Qwen3TTS.from_pretrained(ckpt, device="cpu", fast="cudagraph")
+    clear_decoders()

@@ -12,6 +12,11 @@ and runs its own prompt building and loop. Rows:
   ``Code predictor (generation)`` (the 15 heads' logits per frame), ``Talker hidden states (result)``.
 - ``Sampled codes (seeded)``: upstream after ``torch.manual_seed(s)`` and impl with ``seed=s`` draw the same
   random stream, so sampled codes must match exactly as well (plus functional checks).
+
+A ``--dtype bfloat16`` session compares ours-bf16 with upstream-bf16 on the same device instead (rows suffixed
+``, bf16``): codes by the rule of ``helpers_bf16`` (equal up to our first divergence, which may not come before
+upstream's own bf16-vs-fp32 divergence unless it is a tie; functional checks after it), loop taps three-way
+(upstream fp32 as the truth) over the talker calls whose inputs agree on all three runs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from reports.compare import CompareResult, compare
 from reports.results import FORMULA, OURS
 
 from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, compare_codes, load_model
+from .helpers_bf16 import bf16_call_limits, bf16_codes_results, bf16_run, three_way
 
 
 def first_divergence(res, ref) -> int:
@@ -40,17 +46,71 @@ def first_divergence(res, ref) -> int:
     return n_calls
 
 
-def _exact_only_fp32(dtype):
-    if dtype != torch.float32:
-        pytest.skip("exact tokens and block-tier steps are fp32 claims; bf16 is judged by the referee rows")
+def _bf16_codes(mode, nsm, checkpoint_dir, reference, device, attn, record, preset=None, sampled=False,
+                case=None, component="Generation, bf16"):
+    """A ``--dtype bfloat16`` session: ours-bf16 vs upstream-bf16 on the same device by the rule of
+    ``helpers_bf16`` (equal up to our first divergence, not before upstream's own bf16-vs-fp32 divergence)."""
+    variant = MODES[mode][0]
+    ref16, ref32, res, recs, settings, eos = bf16_run(reference, checkpoint_dir, device, attn,
+                                                      case or gen_case_name(mode, nsm), variant, preset)
+    row = (f"Greedy codes {MODE_NAME[mode]}/{variant} ({TEXT_NAME[nsm]}, bf16)" if not sampled
+           else "Sampled codes (seeded, bf16)")
+    results = bf16_codes_results(res, recs, ref16, ref32, settings, eos, sampled=sampled)
+    for i, r in enumerate(results):
+        record(r, row=row, component=component, variant=variant, preset_override=preset or "",
+               notes=f"item {i}: {res.codes[i].shape[0]} frames, stop={res.stop_reason[i]}")
+    assert all(results), " | ".join(r.message for r in results if not r)
+
+
+def _bf16_loop_taps(mode, nsm, checkpoint_dir, reference, device, attn, record):
+    variant = MODES[mode][0]
+    ref16, ref32, res, recs, _, _ = bf16_run(reference, checkpoint_dir, device, attn, gen_case_name(mode, nsm),
+                                             variant)
+    limits = bf16_call_limits(res, ref16, ref32)  # per item: calls with equal inputs on all three runs
+    mask = ref16.tap("talker:prompt_mask").bool()
+    n_layers = sum(1 for t in ref16.meta["expected_taps"] if re.fullmatch(r"talker\.model\.layers\.\d+:out", t))
+    assert n_layers > 0
+    where = f"{device} bf16, talker calls per item {limits}"
+    groups = {"Talker layers (generation)": [f"talker.model.layers.{i}:out" for i in range(n_layers)],
+              "Talker final norm": ["talker.model.norm:out"], "Codec logits": ["talker.codec_head:out"]}
+
+    def flat(calls, head):  # per item its calls; prefill: the head's last position (ours computes only that), else
+        rows = []  # the item's real positions
+        for i, n in enumerate(limits):
+            rows.append(calls[0][i, -1:] if head else calls[0][i][mask[i]])
+            rows += [t[i].reshape(-1, t.shape[-1]) for t in calls[1:n]]
+        return torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]).float()
+
+    all_ok = []
+    for row, names in groups.items():
+        for name in names:
+            got, w16, w32 = recs[name], ref16.tap_steps(name), ref32.tap_steps(name)
+            assert min(len(got), len(w16), len(w32)) >= max(limits), f"{name}: fewer calls recorded than compared"
+            head = name == "talker.codec_head:out"
+            r = three_way(name, flat(got, head), flat(w16, head), flat(w32, head), where)
+            record(r, row=f"{row}, bf16", component="Generation, bf16", variant=variant, notes=where)
+            all_ok.append(r)
+    frames = [n - 1 for n in limits]  # the predictor runs once per frame
+    if sum(frames) > 0:
+        for j in range(15):
+            name = f"talker.code_predictor.lm_head.{j}:out"
+            got, w16, w32 = (torch.cat([torch.stack([t[i].reshape(-1, t.shape[-1])[-1] for t in steps[:f]])
+                                        for i, f in enumerate(frames) if f > 0])
+                             for steps in (recs[name], ref16.tap_steps(name), ref32.tap_steps(name)))
+            r = three_way(name, got, w16, w32, f"{device} bf16, frames per item {frames}")
+            record(r, row="Code predictor (generation), bf16", component="Generation, bf16", variant=variant,
+                   notes=f"frames per item {frames}")
+            all_ok.append(r)
+    assert all(all_ok), " | ".join(r.message for r in all_ok if not r)
 
 
 # ------------------------------------------------------------------------------------------------ tests
 
 
 @pytest.mark.parametrize("mode,nsm", GEN_CASES)
-def test_greedy_codes(mode, nsm, gen_run, record, dtype):
-    _exact_only_fp32(dtype)
+def test_greedy_codes(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference, device, attn):
+    if dtype == torch.bfloat16:
+        return _bf16_codes(mode, nsm, checkpoint_dir, reference, device, attn, record)
     variant = MODES[mode][0]
     ref, res, _ = gen_run(gen_case_name(mode, nsm), variant)
     row = f"Greedy codes {MODE_NAME[mode]}/{variant} ({TEXT_NAME[nsm]})"
@@ -73,10 +133,12 @@ def test_greedy_codes(mode, nsm, gen_run, record, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,nsm", GEN_CASES)
-def test_greedy_codes_released_dims(mode, nsm, gen_run, record, dtype):
+def test_greedy_codes_released_dims(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference, device, attn):
     """0.6b dimensions (random weights): head_dim 128 over a 1024-wide talker, 28 layers, Identity MTP.
     VoiceDesign has no 0.6b release, so its cases skip with that reason. About 2.5 min per case on 2 cores."""
-    _exact_only_fp32(dtype)
+    if dtype == torch.bfloat16:
+        return _bf16_codes(mode, nsm, checkpoint_dir, reference, device, attn, record, preset="0.6b",
+                           component="Generation (0.6b dims), bf16")
     variant = MODES[mode][0]
     ref, res, _ = gen_run(gen_case_name(mode, nsm), variant, "0.6b")
     row = f"Greedy codes {MODE_NAME[mode]}/{variant} ({TEXT_NAME[nsm]})"
@@ -90,9 +152,12 @@ def test_greedy_codes_released_dims(mode, nsm, gen_run, record, dtype):
 
 
 @pytest.mark.parametrize("mode,nsm", GEN_CASES)
-def test_loop_taps(mode, nsm, gen_run, record, dtype):
-    """Every talker call's layer outputs, final norm and codec logits; the predictor's 15 heads per frame."""
-    _exact_only_fp32(dtype)
+def test_loop_taps(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference, device, attn):
+    """Every talker call's layer outputs, final norm and codec logits; the predictor's 15 heads per frame.
+    bf16 session: three-way (ours-bf16, upstream-bf16, upstream-fp32 as the truth) over the calls whose inputs agree
+    on all three runs."""
+    if dtype == torch.bfloat16:
+        return _bf16_loop_taps(mode, nsm, checkpoint_dir, reference, device, attn, record)
     variant = MODES[mode][0]
     ref, res, recs = gen_run(gen_case_name(mode, nsm), variant)
     n_calls = first_divergence(res, ref)
@@ -137,8 +202,12 @@ def test_loop_taps(mode, nsm, gen_run, record, dtype):
     assert all(all_ok), " | ".join(r.message for r in all_ok if not r)
 
 
-def test_sampled_codes_seeded(gen_run, record, dtype):
-    _exact_only_fp32(dtype)
+def test_sampled_codes_seeded(gen_run, record, dtype, checkpoint_dir, reference, device, attn):
+    """Upstream is sampled on the session's device (``reference`` defaults to it) after ``torch.manual_seed``; impl
+    draws from ``make_generator(seed, model device)``. bf16 session: the bf16 codes rule, without the tie."""
+    if dtype == torch.bfloat16:
+        return _bf16_codes("custom_voice", True, checkpoint_dir, reference, device, attn, record, sampled=True,
+                           case="lm_sample_custom_voice")
     ref, res, _ = gen_run("lm_sample_custom_voice", "custom_voice")
     ups = ref.tap_steps("generate:codes")
     results = []

@@ -31,16 +31,26 @@ from reference_export.cases.lm import MODES, gen_case_name
 from reports.compare import compare, compare_exact
 
 from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME
+from .helpers_bf16 import bf16_run, three_way
 
 
 @pytest.mark.parametrize("mode,nsm", GEN_CASES)
-def test_prompt_embeddings(mode, nsm, gen_run, record, dtype):  # noqa: F811  (gen_run is the fixture)
+def test_prompt_embeddings(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference, device, attn):  # noqa: F811
     variant = MODES[mode][0]
-    ref, _, recs = gen_run(gen_case_name(mode, nsm), variant)
     row = f"Prompt embeddings {MODE_NAME[mode]} ({TEXT_NAME[nsm]})"
-    tier = "op" if dtype == torch.float32 else "referee"
-    if tier == "referee":
-        pytest.skip("prompt embeddings in bf16 are covered by the bf16 referee rows")
+    if dtype == torch.bfloat16:  # ours-bf16 vs upstream-bf16 on the same inputs, upstream fp32 as the truth
+        ref16, ref32, _, recs, _, _ = bf16_run(reference, checkpoint_dir, device, attn, gen_case_name(mode, nsm),
+                                               variant)
+        results = [three_way(n, recs[n][0], ref16.tap(n), ref32.tap(n), f"{device} bf16")
+                   for n in ("talker:prompt_embeds", "talker:trailing_text")]
+        results.append(compare_exact("talker:prompt_mask", recs["talker:prompt_mask"][0].long(),
+                                     ref16.tap("talker:prompt_mask").long()))
+        for r in results:
+            record(r, row=row + ", bf16", component="Prompt, bf16", variant=variant)
+        assert all(results), " | ".join(r.message for r in results if not r)
+        return
+    ref, _, recs = gen_run(gen_case_name(mode, nsm), variant)
+    tier = "op"
     results = [
         compare("talker:prompt_embeds", recs["talker:prompt_embeds"][0].float(), ref.tap("talker:prompt_embeds").float(), tier),
         compare("talker:trailing_text", recs["talker:trailing_text"][0].float(), ref.tap("talker:trailing_text").float(), tier),

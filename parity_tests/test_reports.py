@@ -237,7 +237,7 @@ def test_recorded_section_says_when_and_flags_code_changed_since(tmp_path):
     rel["provenance"]["git_sha"] = old
     rel["created"] = "2026-01-02T03:04:05+00:00"
     md = render_markdown(_results(), extra=[("r.json", rel)], root=repo)
-    assert f"Recorded at `{old[:10]}` on 2026-01-02T03:04:05+00:00, not re-run" in md
+    assert f"Recorded at `{old[:10]}` on 2026-01-02T03:04:05+00:00, on " in md and "; not re-run for this report" in md
     assert "Possibly stale" in md
 
 
@@ -389,3 +389,49 @@ def test_load_names_the_key_at_fault(tmp_path):
     d["rows"][0]["result"] = 3
     with pytest.raises(ResultsError, match=r"rows\[0\]: 'result' is int"):
         load(_write(tmp_path, d))
+
+
+# ------------------------------------------------------------------------------ CUDA / bf16 runs (issue 7, item 8)
+
+
+def _device_run(device: str, dtype: str, red: bool = False) -> dict:
+    d = _results(max_diff=1.0 if red else 0.0)
+    d["provenance"].update(device=device, dtype=dtype, device_info={
+        "gpu": "NVIDIA H200", "driver": "580.1", "cuda": "13.0", "cudnn": 91000, "torch": "2.11.0",
+        "tf32_matmul": False, "tf32_cudnn": False})
+    return d
+
+
+def test_results_path_keeps_cpu_fp32_apart_from_device_runs():
+    assert conftest.results_path("cpu", "float32").name == "results.json"
+    assert conftest.results_path("cuda", "float32").name == "results-cuda.json"
+    assert conftest.results_path("cuda:1", "bfloat16").name == "results-cuda-bfloat16.json"
+    assert conftest.results_path("cpu", "bfloat16").name == "results-cpu-bfloat16.json"
+
+
+def test_cuda_runs_not_recorded_say_not_measured_never_pass():
+    md = render_markdown(_results(), extra=[])
+    section = md.split("## CUDA runs", 1)[1].split("\n## ", 1)[0]
+    assert section.count("not measured on this machine") == 2  # cuda float32 and cuda bfloat16
+    assert "✅" not in section
+
+
+def test_a_recorded_cuda_run_is_its_own_section_with_its_gpu_and_tf32_flags():
+    md = render_markdown(_results(), extra=[("reports/results-cuda.json", _device_run("cuda", "float32"))])
+    section = md.split("## CUDA runs", 1)[1].split("\n## ", 1)[0]
+    import re
+
+    assert re.search(r"cuda float32\s*\|\s*✅", section) and "NVIDIA H200 (driver 580.1, CUDA 13.0" in section
+    assert "TF32 matmul off / cuDNN off" in section
+    assert section.count("not measured on this machine") == 1  # bf16 still missing
+    assert "## Recorded run: cuda float32, preset tiny" in md
+
+
+def test_gate_judges_a_device_run_on_itself(tmp_path, capsys):
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps(baseline_from(_run(_results()))))
+    ok = _write(tmp_path, _device_run("cuda", "bfloat16"), "results-cuda-bfloat16.json")
+    assert gate(ok, base) == 0 and "cuda bfloat16 run" in capsys.readouterr().out
+    bad = _write(tmp_path, _device_run("cuda", "float32", red=True), "results-cuda.json")
+    assert gate(bad, base) == 1 and "red" in capsys.readouterr().out
+    assert gate(ok, base, update=True) == 2  # a device run never becomes the CPU baseline

@@ -116,23 +116,3 @@ def test_layer0_bf16_same_dtype(row: Row, checkpoint_dir, reference, record):
     for r in results:
         record(r, row=f"{row.name} (bf16 vs upstream bf16)", component="Talker layer 0, bf16", variant="custom_voice")
     assert_row(row.name, results)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("impl_attn", ["eager", "sdpa"])
-def test_layer0_cuda_fp32(impl_attn, checkpoint_dir, reference, record):
-    """impl on CUDA in fp32 (TF32 off) vs upstream fp32 CPU references."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine: CUDA rows are not measured here")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    ref = reference("talker_stack", "custom_voice")
-    got = run_stack(build_talker(checkpoint_dir("custom_voice"), "cuda"), ref, "cuda", impl_attn)
-    results = []
-    for row in ROWS:
-        if row.name == "Attention (probabilities)" and impl_attn != "eager":
-            continue
-        for r in compare_row(Row(row.name, row.taps, "stack"), got, ref):
-            record(r, row=f"{row.name} (CUDA fp32, {impl_attn})", component="Talker layer 0, CUDA", variant="custom_voice")
-            results.append(r)
-    assert_row("CUDA layer 0", results)

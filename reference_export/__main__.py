@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--case", required=True)
     c.add_argument("--out", required=True)
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
+                   help="talker/speaker-encoder dtype (float64: the fp64 tier's truth, codec included)")
+    c.add_argument("--codec-dtype", default=None, choices=["float32", "bfloat16", "float64"],
+                   help="speech tokenizer dtype (default float32; float64 when --dtype float64)")
     c.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     c.add_argument("--device", default="cpu")
     c.add_argument("--seed", type=int, default=0)
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = _check_capture_args(a)
             written = capture_case(a.case, a.checkpoint, out, device=a.device, dtype=a.dtype, attn=a.attn,
-                                   seed=a.seed)
+                                   seed=a.seed, codec_dtype=a.codec_dtype)
             _warn_nonfinite(written)
             print(written)
         elif a.cmd == "cases":

@@ -26,6 +26,7 @@ class Tier:
     kind: str = "close"  # close | exact | referee | functional
     referee_k: float = 3.0  # referee: our error ≤ k × upstream's own error (+ floor)
     referee_floor: float = 1e-6
+    direct_k: float = 2.0  # three_way: ours vs upstream-on-the-device ≤ direct_k × upstream's own error (+ floor)
     doc: str = ""
 
 
@@ -39,6 +40,14 @@ TIERS: dict[str, Tier] = {
     "referee": Tier("referee", kind="referee", referee_k=3.0, referee_floor=1e-6,
                     doc="bf16/kernels/CUDA: our RMS error vs upstream fp32 ≤ 3 × upstream's own RMS error "
                         "in that precision vs its fp32, + 1e-6"),
+    "fp64": Tier("fp64", rtol=1e-9, atol=1e-10,
+                 doc="both sides in float64 on CPU (upstream's own fp32 islands, RMSNorm statistics, RoPE angles, "
+                     "eager softmax, kept on both sides): fp64 rounding is ~1e-16 per op, so a formula difference "
+                     "as small as an eps typo (1e-5 for 1e-6) stands orders of magnitude above it"),
+    "three_way": Tier("three_way", kind="three_way", referee_k=3.0, referee_floor=1e-6, direct_k=2.0,
+                      doc="CUDA or bf16: ours and upstream on the same device/dtype, both measured against the "
+                          "truth (upstream fp32 on CPU): ours vs upstream-on-device RMS ≤ 2 × upstream's own RMS "
+                          "error, ours vs truth ≤ 3 × it (+1e-6 each), and an absolute SNR/cosine floor"),
     "functional": Tier("functional", kind="functional",
                        doc="sampled generation: EOS behaviour, code ranges, lengths, no NaN"),
 }
@@ -207,4 +216,79 @@ def compare_exact(name: str, got: torch.Tensor, ref: torch.Tensor, axes: tuple[s
     named = ", ".join(f"{a}={i}" for a, i in zip(axes, idx)) if axes else str(tuple(idx))
     r.message = (f"{name}: {r.n_mismatch}/{r.n} differ; first at {named}: ours {r.worst_got:g}, "
                  f"reference {r.worst_ref:g}")
+    return r
+
+
+# Absolute floors of the three-way tier, per precision under test: (SNR dB, cosine) of ours against the truth,
+# required whatever upstream's own error is, so that a large upstream error can never excuse a large error of ours.
+# bf16 keeps 8 significant bits (one rounding is ~2^-9 relative, SNR ~54 dB). Measured (parity_tests/test_bf16.py,
+# tiny, CPU, truth = upstream fp64): upstream's own bf16 error is 38-55 dB on the talker, code predictor, Mimi
+# encoder and speaker encoder (cosine >= 0.99992), and 24.4-27.6 dB on the codec decoder's audio-rate stages
+# (decoder.4-6 and the waveform, cosine 0.99820 at worst: values reach ~500 on synthetic weights). 20 dB sits
+# 4.4 dB under the worst healthy row; a bug of the size bf16 RoPE angles make at 300 positions (Mimi q/k after
+# RoPE: 16-18 dB) falls below it. The cosine floor is the one 20 dB of uncorrelated error gives (1/sqrt(1.01)).
+# TF32 keeps 11 bits: 40 dB. fp32 with TF32 off: 80 dB (the CUDA fp32 layer-0 rows measured on an H200 were within
+# 2e-6 of CPU, above 120 dB).
+THREE_WAY_FLOORS: dict[str, tuple[float, float]] = {
+    "float32": (80.0, 0.99999999), "tf32": (40.0, 0.9999), "bfloat16": (20.0, 0.995),
+}
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.pow(2).mean().sqrt()) if x.numel() else 0.0
+
+
+def compare_three_way(name: str, ours: torch.Tensor, up_dev: torch.Tensor, truth: torch.Tensor,
+                      precision: str = "bfloat16", where: str = "") -> CompareResult:
+    """A CUDA/bf16 row: ``ours`` and ``up_dev`` (upstream on the same device and dtype) against ``truth``
+    (upstream fp32 on CPU, or fp64).
+
+    Passes when all three hold, each with its number in ``extra``:
+
+    - direct: RMS(ours − up_dev) ≤ ``direct_k`` × RMS(up_dev − truth) + floor: ours sits within upstream's own
+      rounding noise of upstream on the device (two independent roundings of the same size give √2 ≈ 1.4);
+    - referee: RMS(ours − truth) ≤ ``referee_k`` × RMS(up_dev − truth) + floor;
+    - absolute: SNR and cosine of ours against the truth reach ``THREE_WAY_FLOORS[precision]``.
+
+    The metric fields (max_abs, NMSE, …) are ours against upstream on the device. ``where`` names that device and
+    dtype in the message (e.g. "cuda bf16").
+    """
+    tier = TIERS["three_way"]
+    if precision not in THREE_WAY_FLOORS:
+        raise ValueError(f"three-way precision {precision!r} is not one of {sorted(THREE_WAY_FLOORS)}")
+    ours, up_dev, truth = (t.detach().cpu().double() for t in (ours, up_dev, truth))
+    for label, t in (("upstream on the device", up_dev), ("the truth", truth)):
+        if tuple(t.shape) != tuple(ours.shape):
+            r = _fail_shape(name, tier, ours, t)
+            r.message += f" ({label})"
+            return r
+    r = compare(name, ours, up_dev, TIERS["stack"])  # the metric fields: ours vs upstream on the device
+    r.tier, r.rtol, r.atol, r.passed = tier.name, 0.0, 0.0, False
+    if r.n == 0 or not math.isfinite(r.max_abs) or not bool(torch.isfinite(truth).all()):
+        r.message = r.message if r.n == 0 or not math.isfinite(r.max_abs) else \
+            f"{name}: non-finite values in the truth: NaN/Inf is a failure"
+        return r
+    e_up, e_ours, direct = _rms(up_dev - truth), _rms(ours - truth), _rms(ours - up_dev)
+    sig = float(truth.pow(2).sum())
+    err = float((ours - truth).pow(2).sum())
+    snr = 10 * math.log10(sig / err) if err > 0 and sig > 0 else math.inf
+    nt, no = float(truth.norm()), float(ours.norm())
+    cos = float((ours.flatten() @ truth.flatten()) / (nt * no)) if nt > 0 and no > 0 else float(nt == no)
+    snr_min, cos_min = THREE_WAY_FLOORS[precision]
+    bar_direct = tier.direct_k * e_up + tier.referee_floor
+    bar_ref = tier.referee_k * e_up + tier.referee_floor
+    ok_direct, ok_ref, ok_abs = direct <= bar_direct, e_ours <= bar_ref, snr >= snr_min and cos >= cos_min
+    r.passed = ok_direct and ok_ref and ok_abs
+    r.extra = {"precision": precision, "upstream_rms_err": e_up, "ours_rms_err": e_ours, "direct_rms": direct,
+               "bar_direct": bar_direct, "bar_referee": bar_ref,
+               "ratio": e_ours / e_up if e_up > 0 else (0.0 if e_ours == 0 else math.inf),
+               "direct_ratio": direct / e_up if e_up > 0 else (0.0 if direct == 0 else math.inf),
+               "snr_vs_truth_db": snr, "cosine_vs_truth": cos, "snr_floor_db": snr_min, "cosine_floor": cos_min}
+    on = f" ({where})" if where else ""
+    verdict = "ok" if r.passed else "FAILED"
+    fails = [w for w, ok in (("direct", ok_direct), ("referee", ok_ref), ("absolute floor", ok_abs)) if not ok]
+    r.message = (f"{name}: three-way{on} {verdict}{' on ' + ', '.join(fails) if fails else ''}: ours vs upstream "
+                 f"{direct:.3g} RMS (bar {bar_direct:.3g}); ours vs truth {e_ours:.3g} RMS (bar {bar_ref:.3g}, "
+                 f"upstream's own {e_up:.3g}); SNR {snr:.1f} dB (floor {snr_min:g}), cosine {cos:.8f} "
+                 f"(floor {cos_min:g})")
     return r

@@ -37,6 +37,16 @@ def _rows(run: RunResults) -> dict[str, dict[str, Any]]:
     return out
 
 
+def run_kind(run: RunResults) -> str:
+    """"cpu float32", "cuda bfloat16", …: the device and dtype a run's impl side ran in."""
+    dev = str(run.provenance.get("device") or "cpu")
+    return f"{'cuda' if dev.startswith('cuda') else dev} {run.provenance.get('dtype') or 'float32'}"
+
+
+def is_device_run(run: RunResults) -> bool:
+    return run_kind(run) != "cpu float32"
+
+
 def baseline_from(run: RunResults, sections: list[RunResults] | None = None) -> dict[str, Any]:
     return {"schema": SCHEMA, "provenance": run.provenance, "rows": _rows(run),
             "sections": {s.source: {"git_sha": s.provenance.get("git_sha", ""), "created": s.created,
@@ -117,6 +127,20 @@ def gate(results: Path, baseline: Path, update: bool = False, also: list[Path] |
         print(f"gate: {results}: the run recorded no comparisons (pytest exit status "
               f"{run.summary.get('exitstatus', '?')})")
         return 2
+    if is_device_run(run):
+        # A CUDA or bf16 run (``./run.sh test --device cuda``): the baseline holds the CPU fp32 rows, which such a
+        # run does not reproduce; it is gated on itself: no red row, no failed test.
+        if update:
+            print(f"gate: {results} is a {run_kind(run)} run; the baseline holds the CPU fp32 run only")
+            return 2
+        red = [f"{g.key}: red" for g in run.rows() if not g.ok]
+        red += [f"test {t} {o}" for t, o in run.tests.items() if o not in ("passed", "skipped")]
+        s = run.summary
+        print(f"gate: {run_kind(run)} run: {s['passed']} passed, {s['failed']} failed, {s.get('errors', 0)} errors, "
+              f"{s['skipped']} skipped; {len(run.rows())} rows, {len(red)} problem(s)")
+        for p in red:
+            print(f"  - {p}")
+        return 1 if red or s["failed"] or s.get("errors") else 0
     if update:
         red = [g.key for r in [run, *sections] for g in r.rows() if not g.ok]
         red += [f"test {t} {o}" for t, o in run.tests.items() if o not in ("passed", "skipped")]

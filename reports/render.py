@@ -104,17 +104,61 @@ def _tests_lists(run: RunResults) -> list[str]:
     return lines
 
 
+def _device_kind(prov: dict) -> tuple[str, str]:
+    dev = str(prov.get("device") or "cpu")
+    return ("cuda" if dev.startswith("cuda") else dev), str(prov.get("dtype") or "float32")
+
+
+def _on_what(prov: dict) -> str:
+    """Where a run ran: the GPU with its driver, CUDA and TF32 flags, or the CPU."""
+    info = prov.get("device_info") or {}
+    if not info.get("gpu"):
+        return f"{prov.get('machine') or 'CPU'}, {prov.get('cpus', '?')} CPUs"
+    return (f"{info['gpu']} (driver {info.get('driver', '?')}, CUDA {info.get('cuda', '?')}, cuDNN "
+            f"{info.get('cudnn', '?')}, torch {info.get('torch', '?')}, TF32 matmul "
+            f"{'on' if info.get('tf32_matmul') else 'off'} / cuDNN {'on' if info.get('tf32_cudnn') else 'off'})")
+
+
 def _section_header(run: RunResults, source: str, root: Path | None) -> list[str]:
     prov = run.provenance
     sha = str(prov.get("git_sha", ""))
     f = freshness(sha, run.created, root or ROOT)
-    lines = [f"## Recorded run: preset {', '.join(run.presets)} ({prov.get('markexpr') or 'default selection'})", "",
-             f"Recorded at `{sha[:10] or '?'}` on {run.created or '?'}, not re-run for this report "
-             f"(from `{source}`)."]
+    dev, dt = _device_kind(prov)
+    what = "" if (dev, dt) == ("cpu", "float32") else f"{dev} {dt}, "
+    lines = [f"## Recorded run: {what}preset {', '.join(run.presets)} ({prov.get('markexpr') or 'default selection'})",
+             "", f"Recorded at `{sha[:10] or '?'}` on {run.created or '?'}, on {_on_what(prov)}; not re-run for this "
+             f"report (from `{source}`)."]
     if f.stale:
         lines.append(f"**⚠️ Possibly stale:** recorded at `{sha[:10] or '?'}`, but {f.stale}; these rows measure "
                      f"the code as it was then.")
     return lines + [""]
+
+
+# The device/dtype runs the report expects besides the CPU fp32 main run (issue: CUDA and bf16).
+DEVICE_RUNS = (("cuda", "float32"), ("cuda", "bfloat16"))
+
+
+def device_runs_section(sections: list[RunResults]) -> list[str]:
+    """One line per expected CUDA run: where its recorded section is, or that it was not measured (never a pass)."""
+    lines = ["## CUDA runs", "",
+             "The whole default selection on a CUDA machine, ours and upstream on the same device "
+             "(`./run.sh test --device cuda [--dtype bfloat16]`, which writes `reports/results-cuda*.json`; "
+             "commit that file and it is rendered below as its own section).", ""]
+    table = []
+    for dev, dt in DEVICE_RUNS:
+        got = [s for s in sections if _device_kind(s.provenance) == (dev, dt)]
+        if not got:
+            table.append([f"{dev} {dt}", "not measured on this machine", "no recorded results file"])
+            continue
+        for s in got:
+            summ = s.summary
+            status = "✅" if summ.get("failed", 0) == 0 and summ.get("errors", 0) == 0 and all(g.ok for g in s.rows()) \
+                else "❌"
+            table.append([f"{dev} {dt}", f"{status} {summ.get('passed')} passed, {summ.get('failed')} failed, "
+                          f"{summ.get('skipped')} skipped",
+                          f"`{s.source}`, recorded at `{str(s.provenance.get('git_sha', ''))[:10]}`, on "
+                          f"{_on_what(s.provenance)}"])
+    return lines + [tabulate(table, headers=["run", "outcome", "recorded"], tablefmt="github"), ""]
 
 
 def missing_baseline_rows(run: RunResults, baseline: dict | None) -> list[str]:
@@ -156,6 +200,7 @@ def render_markdown(data: dict, source: str = "reports/results.json",
     lines += [f"![worst difference per row (log scale)]({PLOT})", ""]
     lines += _tests_lists(run)
     lines += bad_input_section(data)  # the "Bad input" section (reports/bad_input.py)
+    lines += device_runs_section([sec for _, sec in sections])
     for src, sec in sections:
         lines += _section_header(sec, src, root)
         lines += _provenance(sec, src)

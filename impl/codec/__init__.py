@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import SpeechTokenizerConfig
-from ..loading import CheckpointError, load_into, read_state_dict, weight_files
+from ..loading import CheckpointError, build_on_meta, finish_loaded, load_into, read_state_dict, weight_files
 from ..taps import set_tap_paths
 from .decoder import CodecDecoder, DecoderState
 from .streaming import DecoderStream, split_frames
@@ -76,9 +76,11 @@ class SpeechTokenizer(nn.Module):
         if (folder / "speech_tokenizer" / "config.json").exists():
             folder = folder / "speech_tokenizer"
         cfg = SpeechTokenizerConfig.from_file(folder / "config.json")
-        model = cls(cfg, attn, with_encoder=encoder)
+        # The loader recipe of impl.loading.load_module, in two strict parts (decoder, encoder) so each error
+        # names its part: built on meta, the checkpoint's tensors (on device, in dtype) become the parameters.
+        model = build_on_meta(lambda: cls(cfg, attn, with_encoder=encoder))
         where = str(weight_files(folder)[0])
-        state = read_state_dict(folder)
+        state = read_state_dict(folder, device=device, dtype=dtype)
         stray = sorted(k for k in state if not k.startswith(("decoder.", "encoder.")))
         if stray:
             raise CheckpointError(f"{where}: unexpected key(s) {stray[:5]} (neither decoder.* nor encoder.*)")
@@ -87,7 +89,8 @@ class SpeechTokenizer(nn.Module):
         if model.encoder is not None:
             load_into(model.encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}, where,
                       "encoder.")
-        return model.to(device=device, dtype=dtype).eval()
+        del state
+        return finish_loaded(model, device, where)
 
     @property
     def device(self) -> torch.device:

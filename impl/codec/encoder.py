@@ -347,8 +347,12 @@ class CodecEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, audio: torch.Tensor, padding_mask: torch.Tensor) -> list[torch.Tensor]:
         """(B, T) audio + (B, T) padding mask -> per item codes (F_i, Q), F_i = ceil(valid_i / 1920)
-        (upstream ``Qwen3TTSTokenizerV2Model.encode(...).audio_codes``)."""
-        out = self(audio, padding_mask)
+        (upstream ``Qwen3TTSTokenizerV2Model.encode(...).audio_codes``).
+
+        The API boundary: audio and mask may be on any device; they are moved to the weights' device (audio also
+        to their dtype) here, and the codes come back on that device."""
+        w = self.encoder.layers[0].conv.weight
+        out = self(audio.to(device=w.device, dtype=w.dtype), padding_mask.to(w.device))
         return [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
 
 

@@ -64,7 +64,9 @@ def run_encode(up, inputs: dict[str, torch.Tensor], rec) -> None:
     mimi.encode = encode_and_record  # instance attribute: shadows the method for this call only
     try:
         with torch.no_grad():
-            out = tok.encode(inputs["audio"].to(dev), inputs["padding_mask"].to(dev), return_dict=True)
+            # in the tokenizer's dtype (fp32 unless a bf16/fp64 capture asked otherwise), as upstream's wrapper feeds it
+            audio = inputs["audio"].to(dev, next(tok.parameters()).dtype)
+            out = tok.encode(audio, inputs["padding_mask"].to(dev), return_dict=True)
     finally:
         del mimi.encode
     for i, c in enumerate(out.audio_codes):

@@ -252,7 +252,6 @@ def _requests(tts, mode: str, texts: list[str], speaker: str | None, instruct: s
 def measure_ours(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, batches: list[int],
                  fast_mode: str) -> dict[str, Any]:
     """Our side for every batch size: loaded once, measured inside one :class:`PeakMemory`."""
-    from .codec.streaming import DecoderStream
     from .fast_decode import clear_decoders, decoder_for, generate_fast
     from .generate import GenerationSettings, generate
     from .model import Qwen3TTS
@@ -272,20 +271,20 @@ def measure_ours(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         rp = float(tts.generation_config.get("repetition_penalty", 1.05))  # upstream's wrapper reads the same key
         settings = GenerationSettings.greedy(args.frames + 1, repetition_penalty=rp)  # N tokens give N-1 frames
         out.update(mode=mode, speaker=speaker, instruct=instruct, bytes_per_frame=weight_bytes_per_frame(tts.talker))
-        talker, cfg, attn = tts.talker, tts.config, "sdpa"
+        talker, cfg = tts.talker, tts.config  # loaded with attn="sdpa" above
         for b in batches:
             reqs = _requests(tts, mode, [args.text] * b, speaker, instruct, args.language)
             r: dict[str, Any] = {}
 
             def fast(reqs=reqs):
-                return generate_fast(talker, build(talker, cfg, reqs), settings, attn, fast_mode)
+                return generate_fast(talker, build(talker, cfg, reqs), settings, fast_mode)
 
             t, ts, res = _median_time(fast, device, args.warmup, args.repeats)
             r["fast"] = {"seconds": t, "seconds_all": ts, "codes": [c.cpu() for c in res.codes],
                          "frames_generated": [int(c.shape[0]) for c in res.codes], "stop": res.stop_reason}
             if not args.no_eager:
                 def eager(reqs=reqs):
-                    return generate(talker, build(talker, cfg, reqs), settings, None, attn)
+                    return generate(talker, build(talker, cfg, reqs), settings, None)
 
                 t, ts, res = _median_time(eager, device, args.warmup, args.repeats)
                 r["eager"] = {"seconds": t, "seconds_all": ts, "codes": [c.cpu() for c in res.codes],
@@ -299,18 +298,18 @@ def measure_ours(args: argparse.Namespace, device: torch.device, dtype: torch.dt
                 for chunk in args.chunks:
                     def first(chunk=chunk, reqs=reqs, codec=codec):
                         prompt = build(talker, cfg, reqs)
-                        dec = decoder_for(talker, prompt, settings, attn, fast_mode)
+                        dec = decoder_for(talker, prompt, settings, fast_mode)
                         dec.load(prompt, settings)
                         for k in dec.frames_iter():
                             if k + 1 >= chunk:
                                 break
                         n = min(chunk, dec.n_host - 1)
-                        wav = DecoderStream(codec.decoder).push(dec.frames[0, :n].to(codec.device))
+                        wav = codec.decoder.stream().push(dec.frames[0, :n].to(codec.device))
                         return wav.shape[-1]
 
                     t, _, _ = _median_time(first, device, args.warmup, args.repeats)
                     r["first_audio_ms"][chunk] = t * 1e3
-                    if not args.no_eager:  # today's public streaming path (eager loop + DecoderStream)
+                    if not args.no_eager:  # today's public streaming path (eager loop + decoder.stream())
                         def first_eager(chunk=chunk):
                             chunks = tts.stream(args.text, chunk_frames=chunk, mode=mode, speaker=speaker,
                                                 instruct=instruct, language=args.language, greedy=True,

@@ -45,12 +45,12 @@ class CodePredictorModel(nn.Module):
             [nn.Embedding(cfg.vocab_size, talker_hidden) for _ in range(cfg.num_code_groups - 1)])
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, impl: str = "sdpa") -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, H) already projected; positions (B, T). -> (B, T, H) final-normed; advances ``cache``."""
         cos, sin = self.rotary_emb(x, positions)  # (B, T, D)
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i, impl)
+            h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(h)
@@ -97,7 +97,7 @@ class CodePredictor(nn.Module):
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, c.num_code_groups, c.head_dim,
                                 device, dtype)
 
-    def step(self, embeds: torch.Tensor, head: int, cache: KVCache, impl: str = "sdpa") -> torch.Tensor:
+    def step(self, embeds: torch.Tensor, head: int, cache: KVCache) -> torch.Tensor:
         """One prefill (T=2) or decode (T=1) step at the cache's current length.
 
         embeds (B, T, C) talker-width inputs -> logits (B, V) of ``lm_head[head]`` at the last position.
@@ -107,12 +107,11 @@ class CodePredictor(nn.Module):
         x = self.small_to_mtp_projection(embeds)  # (B, T, H)
         positions = frame_positions(past, T, B, embeds.device)  # (B, T), restarting at 0 every frame
         mask = _causal(T, past + T, x.dtype, x.device) if T > 1 else None  # no padding inside the predictor
-        h = self.model(x, positions, mask, cache, impl)  # (B, T, H)
+        h = self.model(x, positions, mask, cache)  # (B, T, H)
         return tap(self, f"logits_{head}", self.lm_head[head](h[:, -1]))  # (B, V)
 
     def generate_frame(self, past_hidden: torch.Tensor, c0_embed: torch.Tensor, cache: KVCache,
-                       choose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                       impl: str = "sdpa") -> FrameCodes:
+                       choose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> FrameCodes:
         """Groups 1..15 of one frame for every row.
 
         past_hidden (B, 1, C) talker final-normed hidden; c0_embed (B, 1, C) = talker ``codec_embedding(c0)``.
@@ -124,7 +123,7 @@ class CodePredictor(nn.Module):
         codes, margins = [], []
         x = torch.cat((past_hidden, c0_embed), dim=1)  # (B, 2, C)
         for j in range(n):
-            logits = self.step(x, j, cache, impl)
+            logits = self.step(x, j, cache)
             code, margin = choose(logits.float())  # (B,), (B,)
             codes.append(code)
             margins.append(margin)
@@ -132,8 +131,7 @@ class CodePredictor(nn.Module):
                 x = self.model.codec_embedding[j](code[:, None])  # (B, 1, C): embeds group j+1
         return FrameCodes(torch.stack(codes, dim=1), torch.stack(margins, dim=1))
 
-    def forward_teacher(self, past_hidden: torch.Tensor, codes: torch.Tensor, c0_embed: torch.Tensor,
-                        impl: str = "sdpa") -> torch.Tensor:
+    def forward_teacher(self, past_hidden: torch.Tensor, codes: torch.Tensor, c0_embed: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits for groups 1..15 (upstream ``forward_finetune`` via ``forward_sub_talker_finetune``).
 
         past_hidden (B, C); codes (B, G) all 16 codes; c0_embed (B, 1, C) = talker ``codec_embedding(codes[:, :1])``.
@@ -146,6 +144,6 @@ class CodePredictor(nn.Module):
         x = self.small_to_mtp_projection(torch.cat(parts, dim=1))  # (B, 16, H)
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)[None].expand(B, T)
-        h = self.model(x, positions, _causal(T, T, x.dtype, x.device), None, impl)  # (B, 16, H)
+        h = self.model(x, positions, _causal(T, T, x.dtype, x.device), None)  # (B, 16, H)
         logits = torch.stack([self.lm_head[i - 1](h[:, i]) for i in range(1, self.cfg.num_code_groups)], dim=1)
         return tap(self, "teacher_logits", logits)  # (B, 15, V)

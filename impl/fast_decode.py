@@ -33,7 +33,7 @@ import torch
 
 from .generate import GenerationResult, GenerationSettings, NonFiniteError
 from .kv_cache import StaticKVCache
-from .layers import causal_mask
+from .layers import causal_mask, get_attention
 from .prompt import BatchPrompt
 from .sampling import NEG_INF, PredictorChooser, margin, suppress, suppress_mask
 from .talker import Talker, rope_positions
@@ -57,14 +57,16 @@ class StaticDecoder:
     """
 
     def __init__(self, talker: Talker, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype,
-                 attn: str = "sdpa", mode: str = "eager", compile_backend: str = "inductor"):
+                 mode: str = "eager", compile_backend: str = "inductor"):
         if mode not in MODES:
             raise ValueError(f"fast-decode mode {mode!r} is not one of {MODES}")
         device = torch.device(device)
         if "cudagraph" in mode and device.type != "cuda":
             raise ValueError(f"fast-decode mode {mode!r} needs a CUDA device, got {device}")
         tc = talker.cfg
-        self.talker, self.attn, self.mode = talker, attn, mode
+        # The attention implementation is the talker's module setting (a constant of the compiled step); recorded
+        # here so decoder_for never reuses a decoder built under another setting.
+        self.talker, self.attn, self.mode = talker, get_attention(talker), mode
         self.B, self.S, self.G, self.V, self.C = batch, capacity, tc.num_code_groups, tc.vocab_size, tc.hidden_size
         self.eos = tc.codec_eos_token_id
         self.device, self.dtype = device, dtype
@@ -134,7 +136,7 @@ class StaticDecoder:
         k = self.n - 1  # (1,) frame index
         tok = self.tokens.index_select(1, k)[:, 0]  # (B,)
         c0_embed = t.embed_codec(tok[:, None])  # (B, 1, C)
-        fc = t.code_predictor.generate_frame(self.past_hidden, c0_embed, self.cp_cache, self.chooser, self.attn)
+        fc = t.code_predictor.generate_frame(self.past_hidden, c0_embed, self.cp_cache, self.chooser)
         frame = torch.cat((tok[:, None], fc.codes), dim=1)  # (B, G)
         self.frames.index_copy_(1, k, frame[:, None])
         self.margins_cp.index_copy_(1, k, fc.margins[:, None])
@@ -145,7 +147,7 @@ class StaticDecoder:
         allowed = (self.key_index <= pos)[None] & self.key_valid  # (B, S)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         mask = torch.where(allowed, zero, torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, S)
-        out = t(x, positions, mask, self.cache, self.attn)
+        out = t(x, positions, mask, self.cache)
         self.past_hidden.copy_(out.hidden[:, -1:])
         self._choose(out.logits[:, -1], out.hidden[:, -1])
         return self._flags()
@@ -219,7 +221,7 @@ class StaticDecoder:
         self.deltas.copy_(deltas)
         key_padding = self.key_valid.long() if prompt.has_padding else None
         mask = causal_mask(L, L, embeds.dtype, embeds.device, key_padding)
-        out = self.talker(embeds, positions, mask, self.cache.eager_view(), self.attn)
+        out = self.talker(embeds, positions, mask, self.cache.eager_view())
         self.cache.pos.fill_(L)
         self.past_hidden.copy_(out.hidden[:, -1:])
         self._choose(out.logits[:, -1], out.hidden[:, -1])
@@ -287,29 +289,29 @@ def clear_decoders() -> None:
     _DECODERS.clear()
 
 
-def decoder_for(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings, attn: str = "sdpa",
-                mode: str = "eager", batch_bucket: int | None = None) -> StaticDecoder:
+def decoder_for(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings, mode: str = "eager",
+                batch_bucket: int | None = None) -> StaticDecoder:
     """A decoder for this prompt's bucket, reused across calls (so a compiled step or a captured graph is built
-    once per (talker, batch bucket, capacity bucket, dtype, mode, settings))."""
+    once per (talker, its attention setting, batch bucket, capacity bucket, dtype, mode, settings))."""
     b, L, _ = prompt.embeds.shape
     if batch_bucket is None and "cudagraph" in mode:
         batch_bucket = next((x for x in BATCH_BUCKETS if x >= b), b)
     B = max(batch_bucket or b, b)
     S = round_capacity(L + settings.max_new_tokens)
-    key = (id(talker), B, S, prompt.embeds.device, prompt.embeds.dtype, attn, mode,
+    key = (id(talker), B, S, prompt.embeds.device, prompt.embeds.dtype, get_attention(talker), mode,
            settings.talker.repetition_penalty, settings.talker.min_new_tokens)
     dec = _DECODERS.get(key)
     if dec is None or dec.talker is not talker:
-        dec = StaticDecoder(talker, B, S, prompt.embeds.device, prompt.embeds.dtype, attn, mode)
+        dec = StaticDecoder(talker, B, S, prompt.embeds.device, prompt.embeds.dtype, mode)
         _DECODERS[key] = dec
     return dec
 
 
-def generate_fast(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings, attn: str = "sdpa",
+def generate_fast(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
                   mode: str = "eager") -> GenerationResult:
     """Greedy generation on the static step; the same result as :func:`impl.generate.generate` (codes exactly
     equal in fp32)."""
-    dec = decoder_for(talker, prompt, settings, attn, mode)
+    dec = decoder_for(talker, prompt, settings, mode)
     dec.load(prompt, settings)
     for _ in dec.frames_iter():
         pass

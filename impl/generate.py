@@ -103,13 +103,14 @@ def _set_tap_step(step: int) -> None:
 
 class TalkerLoop:
     """One batched generation, iterable frame by frame (``for k in loop`` yields the index of each new frame in
-    ``loop.frames``); :meth:`result` cuts the rows. Used by :func:`generate` and by streaming synthesis."""
+    ``loop.frames``); :meth:`result` cuts the rows. Used by :func:`generate` and by streaming synthesis. The
+    attention implementation is the talker's module setting (:func:`impl.layers.set_attention`)."""
 
     def __init__(self, talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
-                 generator: torch.Generator | None = None, impl: str = "sdpa"):
+                 generator: torch.Generator | None = None):
         if settings.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        self.talker, self.prompt, self.settings, self.generator, self.impl = talker, prompt, settings, generator, impl
+        self.talker, self.prompt, self.settings, self.generator = talker, prompt, settings, generator
         tc = talker.cfg
         self.eos = tc.codec_eos_token_id
         dev, dtype = prompt.embeds.device, prompt.embeds.dtype
@@ -146,11 +147,11 @@ class TalkerLoop:
         self.n = n + 1
 
     def __iter__(self) -> Iterator[int]:
-        t, p, impl = self.talker, self.prompt, self.impl
+        t, p = self.talker, self.prompt
         _set_tap_step(0)
         positions, deltas = rope_positions(p.attention_mask)  # (3, B, L), (B, 1)
         mask = causal_mask(self.L, self.L, p.embeds.dtype, p.embeds.device, self.key_padding)
-        out = t(p.embeds, positions, mask, self.cache, impl)
+        out = t(p.embeds, positions, mask, self.cache)
         past_hidden = out.hidden[:, -1:]  # (B, 1, C)
         self._choose_token(out.logits[:, -1], past_hidden[:, 0])
         Lt = p.trailing.shape[1]
@@ -159,7 +160,7 @@ class TalkerLoop:
             _set_tap_step(k + 1)
             tok = self.tokens[:, k]
             c0_embed = t.embed_codec(tok[:, None])  # (B, 1, C)
-            fc = t.code_predictor.generate_frame(past_hidden, c0_embed, self.cp_cache, self.chooser, impl)
+            fc = t.code_predictor.generate_frame(past_hidden, c0_embed, self.cp_cache, self.chooser)
             self.frames[:, k, 0] = tok
             self.frames[:, k, 1:] = fc.codes
             self.margins[:, k, 1:] = fc.margins
@@ -168,7 +169,7 @@ class TalkerLoop:
             x = x + (p.trailing[:, k : k + 1] if k < Lt else p.tts_pad)  # text side: trailing text, then tts_pad
             S = self.cache.length + 1
             mask = causal_mask(1, S, x.dtype, x.device, self.key_padding)
-            out = t(x, step_positions(self.cache.length, deltas), mask, self.cache, impl)
+            out = t(x, step_positions(self.cache.length, deltas), mask, self.cache)
             past_hidden = out.hidden[:, -1:]
             self._choose_token(out.logits[:, -1], past_hidden[:, 0])
         _set_tap_step(0)
@@ -207,15 +208,15 @@ class TalkerLoop:
 
 
 def generate(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
-             generator: torch.Generator | None = None, impl: str = "sdpa", fast: str | None = None) -> GenerationResult:
+             generator: torch.Generator | None = None, *, fast: str | None = None) -> GenerationResult:
     """Run the loop to the end (see :class:`TalkerLoop`). ``fast`` (greedy only): run the static decode step of
     :mod:`impl.fast_decode` in that mode (``eager``, ``compile``, ``cudagraph``, ``compile-cudagraph``) instead;
     same codes, proven equal in ``parity_tests/test_fast_decode.py``."""
     if fast is not None:
         from .fast_decode import generate_fast
 
-        return generate_fast(talker, prompt, settings, impl, fast)
-    loop = TalkerLoop(talker, prompt, settings, generator, impl)
+        return generate_fast(talker, prompt, settings, fast)
+    loop = TalkerLoop(talker, prompt, settings, generator)
     for _ in loop:
         pass
     return loop.result()

@@ -11,6 +11,9 @@ C hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +22,82 @@ from .kv_cache import KVCache
 from .taps import tap
 
 ATTN_IMPLS = ("eager", "sdpa")
+
+
+def check_attn_impl(impl: str) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn={impl!r} is not one of {ATTN_IMPLS} (flash kernels are reached through sdpa on CUDA)")
+    return impl
+
+
+class AttentionSetting:
+    """Mixin for a module whose computation depends on the attention implementation: ``attn_impl``, ``"eager"``
+    (explicit softmax; the ``attn_probs`` tap) or ``"sdpa"`` (``F.scaled_dot_product_attention``; the
+    construction default). A plain str attribute, validated when set, chosen once for a whole model by
+    :func:`set_attention` (the loaders' ``attn=`` argument); forwards read it, no call signature carries it.
+    Under ``torch.compile`` it is a constant of the graph."""
+
+    _attn_impl: str = "sdpa"
+
+    @property
+    def attn_impl(self) -> str:
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        self._attn_impl = check_attn_impl(impl)
+
+
+def _settings(module: nn.Module) -> list[AttentionSetting]:
+    found = [m for m in module.modules() if isinstance(m, AttentionSetting)]
+    if not found:
+        raise ValueError(f"{type(module).__name__} has no attention module to set")
+    return found
+
+
+def set_attention(module: nn.Module, impl: str) -> nn.Module:
+    """Set ``attn_impl = impl`` on every attention-dependent module under ``module`` (itself included); returns
+    ``module``. The one place a model's attention implementation is chosen.
+
+    >>> a = set_attention(Attention(8, 2, 1, 4), "eager"); a.attn_impl
+    'eager'
+    >>> set_attention(a, "flash")
+    Traceback (most recent call last):
+    ValueError: attn='flash' is not one of ('eager', 'sdpa') (flash kernels are reached through sdpa on CUDA)
+    """
+    check_attn_impl(impl)
+    for m in _settings(module):
+        m.attn_impl = impl
+    return module
+
+
+def get_attention(module: nn.Module) -> str:
+    """The attention implementation every attention module under ``module`` uses (ValueError if they differ)."""
+    impls = {m.attn_impl for m in _settings(module)}
+    if len(impls) != 1:
+        raise ValueError(f"{type(module).__name__} mixes attention implementations {sorted(impls)}")
+    return impls.pop()
+
+
+@contextmanager
+def attention(module: nn.Module, impl: str) -> Iterator[nn.Module]:
+    """Temporarily :func:`set_attention` (tests that run one model under a given implementation); the previous
+    per-module settings come back on exit.
+
+    >>> a = Attention(8, 2, 1, 4)
+    >>> with attention(a, "eager"):
+    ...     a.attn_impl
+    'eager'
+    >>> a.attn_impl
+    'sdpa'
+    """
+    check_attn_impl(impl)
+    saved = [(m, m.attn_impl) for m in _settings(module)]
+    try:
+        yield set_attention(module, impl)
+    finally:
+        for m, old in saved:
+            m.attn_impl = old
 
 
 class RMSNorm(nn.Module):
@@ -158,7 +237,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- attention
 
 
-class Attention(nn.Module):
+class Attention(AttentionSetting, nn.Module):
     """Multi-head attention with GQA, optional per-head QK RMSNorm before RoPE, injected RoPE function.
 
     Reproduces upstream ``Qwen3TTSTalkerAttention`` (QK-norm; its M-RoPE table is merged by the caller),
@@ -166,6 +245,7 @@ class Attention(nn.Module):
     ``nn.Identity``; its 72-frame sliding window lives in the mask). ``head_dim`` is explicit: q_proj outputs ``n_heads * head_dim``, which need not equal the
     hidden size (2048 vs 1024 in the 0.6B talker).
 
+    The kernel is the module setting ``attn_impl`` (:class:`AttentionSetting`, set by :func:`set_attention`).
     Taps: ``q_rope``, ``k_rope`` (B, H|K, T, D) after RoPE; ``attn_probs`` (B, H, T, S) on the eager path.
     """
 
@@ -185,7 +265,7 @@ class Attention(nn.Module):
         self.k_norm = norm()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, impl: str = "sdpa") -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         # QK-norm acts per head on (B, T, H, D), before the transpose and before RoPE (upstream order).
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
@@ -198,6 +278,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
+        impl = self.attn_impl
         if impl == "eager":
             w = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
             if mask is not None:
@@ -261,8 +342,8 @@ class DecoderLayer(nn.Module):
         self.has_layer_scale = layer_scale is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, impl: str = "sdpa") -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, impl)
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         if self.has_layer_scale:
             a = self.self_attn_layer_scale(a)
         h = x + a
@@ -281,13 +362,8 @@ def qwen3_layers(cfg) -> nn.ModuleList:
     ])
 
 
-def check_attn_impl(impl: str) -> str:
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn={impl!r} is not one of {ATTN_IMPLS} (flash kernels are reached through sdpa on CUDA)")
-    return impl
-
-
 __all__ = [
     "RMSNorm", "RotaryEmbedding", "rotate_half", "apply_rope", "merge_mrope", "KVCache",
     "causal_mask", "repeat_kv", "Attention", "SwiGLU", "LayerScale", "DecoderLayer", "qwen3_layers", "check_attn_impl",
+    "ATTN_IMPLS", "AttentionSetting", "set_attention", "get_attention", "attention",
 ]

@@ -39,7 +39,7 @@ from .generate import (
     default_frame_budget,
     generate,
 )
-from .layers import check_attn_impl
+from .layers import check_attn_impl, get_attention, set_attention
 from .loading import CheckpointError, load_module, weight_files
 from .prompt import (
     PromptError,
@@ -179,10 +179,10 @@ class Qwen3TTS:
     """A loaded checkpoint: talker (+ code predictor), text tokenizer; codec and speaker encoder on first use."""
 
     def __init__(self, folder: Path, config: Qwen3TTSConfig, talker: Talker, tokenizer, generation_config: dict,
-                 device: torch.device, dtype: torch.dtype, attn: str):
+                 device: torch.device, dtype: torch.dtype):
         self.folder, self.config, self.talker, self.tokenizer = folder, config, talker, tokenizer
         self.generation_config = generation_config
-        self.device, self.dtype, self.attn = device, dtype, attn
+        self.device, self.dtype = device, dtype
         self._codec = None
         self.codec_dtype = torch.float32
         self._speaker_encoder = None
@@ -203,6 +203,7 @@ class Qwen3TTS:
 
         if fast is not None and fast not in FAST_MODES:
             raise ValueError(f"fast={fast!r} is not one of {FAST_MODES} (or None for the eager loop)")
+        check_attn_impl(attn)
 
         folder = Path(path)
         if not folder.is_dir():
@@ -225,12 +226,19 @@ class Qwen3TTS:
         talker = load_module(lambda: Talker(cfg.talker_config), folder, "talker.", device, dtype,
                              where=str(folder / "model.safetensors"))
         gen_cfg = read_generation_config(folder / "generation_config.json")
-        tts = cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype, check_attn_impl(attn))
+        set_attention(talker, attn)  # the one choice of attention kernel; the codec gets the same on first use
+        tts = cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype)
         # The codec stays fp32 by default whatever ``dtype`` is: upstream's codec overflows to NaN in bf16
         # (SnakeBeta's exp); bf16 remains selectable for measurement.
         tts.codec_dtype = codec_dtype
         tts.fast = fast
         return tts
+
+    @property
+    def attn(self) -> str:
+        """The attention implementation chosen at load (``from_pretrained(attn=...)``), read back from the talker's
+        module setting (:func:`impl.layers.get_attention`)."""
+        return get_attention(self.talker)
 
     # -- lazily loaded parts ---------------------------------------------------------------------------------
 
@@ -426,7 +434,7 @@ class Qwen3TTS:
         if max_new_frames is None:
             settings = self.settings(greedy, None, max(len(r.input_ids) for r in reqs), **sampling)
         prompt = build(self.talker, self.config, reqs)
-        res = generate(self.talker, prompt, settings, make_generator(seed, self.device), self.attn, fast=fast)
+        res = generate(self.talker, prompt, settings, make_generator(seed, self.device), fast=fast)
         res.ref_codes = [r.ref_codes for r in reqs]
         return res
 
@@ -468,12 +476,11 @@ class Qwen3TTS:
         """Audio chunks (float32 numpy, 24 kHz, ``chunk_frames`` x 1920 samples, the last one shorter) as frames are
         generated, for one text; same arguments as :meth:`generate_codes`.
 
-        The codec decoder carries its state across pushes (``impl.codec.streaming.DecoderStream``), so the chunks
-        join to the one-shot decode of all frames (upstream's ``decode`` recomputes 300-frame chunks with 25
-        frames of left context, which differs slightly after frame 300). ICL: the reference frames are pushed
-        first and their audio dropped, as upstream cuts ``ref_len * 1920`` samples."""
-        from .codec.streaming import DecoderStream
-
+        The model-level streaming entry point; the codec-level one is ``self.codec.decoder.stream()`` (a
+        ``DecoderStream``), which carries the decoder's state across pushes, so the chunks join to the one-shot
+        decode of all frames (upstream's ``decode`` recomputes 300-frame chunks with 25 frames of left context,
+        which differs slightly after frame 300). ICL: the reference frames are pushed first and their audio
+        dropped, as upstream cuts ``ref_len * 1920`` samples."""
         if not isinstance(text, str):
             raise ValueError(f"stream() takes one text (a str), got {type(text).__name__}")
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
@@ -486,8 +493,8 @@ class Qwen3TTS:
         if max_new_frames is None:
             settings = self.settings(greedy, None, len(reqs[0].input_ids), **sampling)
         prompt = build(self.talker, self.config, reqs)
-        loop = TalkerLoop(self.talker, prompt, settings, make_generator(seed, self.device), self.attn)
-        dec = DecoderStream(self.codec.decoder)
+        loop = TalkerLoop(self.talker, prompt, settings, make_generator(seed, self.device))
+        dec = self.codec.decoder.stream()
         if reqs[0].ref_codes is not None:
             dec.push(reqs[0].ref_codes.to(self.codec.device))  # context only
         start = end = 0

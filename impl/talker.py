@@ -98,7 +98,7 @@ class TalkerModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, impl: str = "sdpa") -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         """inputs_embeds (B, T, C); positions (3, B, T) or (B, T); mask from :func:`impl.layers.causal_mask` over the
         S = cache.length + T keys. Writes the T new keys/values into ``cache`` and advances it. -> (B, T, C),
         final-normed."""
@@ -111,7 +111,7 @@ class TalkerModel(nn.Module):
         sin = merge_mrope(sin, self.mrope_section, self.mrope_interleaved)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i, impl)
+            h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.norm(h)
@@ -162,9 +162,9 @@ class Talker(nn.Module):
         return tap(self, "logits", self.codec_head(hidden))
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, impl: str = "sdpa", all_logits: bool = False) -> TalkerOutput:
+                cache: KVCache | None = None, *, all_logits: bool = False) -> TalkerOutput:
         """One prefill or decode step. inputs_embeds (B, T, C) -> hidden (B, T, C), logits (B, 1|T, V)."""
-        hidden = self.model(inputs_embeds, positions, mask, cache, impl)
+        hidden = self.model(inputs_embeds, positions, mask, cache)
         # Upstream applies codec_head to every position and HF keeps the last; the last row is the same.
         logits = self.logits(hidden if all_logits else hidden[:, -1:])
         return TalkerOutput(hidden, logits)

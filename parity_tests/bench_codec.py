@@ -19,7 +19,7 @@ import platform
 import pytest
 import torch
 
-from impl.codec.streaming import DecoderStream, split_frames
+from impl.codec.streaming import split_frames
 
 from .helpers_codec import VARIANT, load_codec, upstream_codec
 
@@ -49,7 +49,7 @@ def _run(side: str, env):
         return lambda: ours.decode(codes)
 
     def stream():
-        s = DecoderStream(ours.decoder)
+        s = ours.decoder.stream()
         for c in split_frames(codes, [1]):
             s.push(c)
 

@@ -61,7 +61,7 @@ def _fn(group: str, side: str, env):
 
         def ours_prefill():
             cache = t.allocate_cache(1, L, prompt.embeds.device, prompt.embeds.dtype)
-            return t.model(prompt.embeds, pos, mask, cache, "sdpa")
+            return t.model(prompt.embeds, pos, mask, cache)  # sdpa: the model was loaded with it
 
         return ours_prefill
     if group.startswith("code predictor"):
@@ -72,7 +72,7 @@ def _fn(group: str, side: str, env):
                 inputs_embeds=torch.cat((h, c0), 1), max_new_tokens=15, do_sample=False)
         cache = t.code_predictor.allocate_cache(1, h.device, h.dtype)
         chooser = PredictorChooser(SamplingConfig(do_sample=False), None)
-        return lambda: t.code_predictor.generate_frame(h, c0, cache, chooser, "sdpa")
+        return lambda: t.code_predictor.generate_frame(h, c0, cache, chooser)
     r = reqs[0]
     if side == "upstream":
         ids = torch.tensor([r.input_ids], device=prompt.embeds.device)
@@ -83,7 +83,7 @@ def _fn(group: str, side: str, env):
     settings = GenerationSettings.greedy(FRAMES + 1)
 
     def ours_generate():
-        res = generate(t, build(t, ours.config, reqs), settings, None, "sdpa")
+        res = generate(t, build(t, ours.config, reqs), settings, None)
         assert res.codes[0].shape[0] == FRAMES, "the benchmark item must run to the budget"
         return res
 

@@ -16,7 +16,7 @@ import torch
 import impl.mel
 from impl.config import Qwen3TTSConfig
 from impl.generate import GenerationSettings, generate
-from impl.layers import causal_mask
+from impl.layers import attention, causal_mask
 from impl.loading import load_into, read_state_dict
 from impl.model import Qwen3TTS
 from impl.prompt import PromptRequest, build
@@ -60,7 +60,8 @@ def build_talker(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.flo
 
 
 def run_stack(talker: Talker, ref, device: str, attn: str) -> dict[str, torch.Tensor]:
-    """Run impl on the reference's inputs; return {tap name: tensor}."""
+    """Run impl on the reference's inputs with attention ``attn`` (the talker's module setting, for this run only);
+    return {tap name: tensor}."""
     ids = ref.input("text_ids").to(device)
     B, T = ids.shape
     if "position_ids" in ref.inputs():
@@ -68,9 +69,9 @@ def run_stack(talker: Talker, ref, device: str, attn: str) -> dict[str, torch.Te
     else:
         pos = torch.arange(T, device=device).expand(3, B, T)  # upstream's default: cache_position, 3 equal rows
     dtype = next(talker.parameters()).dtype
-    with recording(talker, prefix="talker", inputs=True) as rec, torch.no_grad():
+    with attention(talker, attn), recording(talker, prefix="talker", inputs=True) as rec, torch.no_grad():
         mask = causal_mask(T, T, dtype, torch.device(device), None)
-        talker.model(talker.embed_text(ids), pos, mask, impl=attn)
+        talker.model(talker.embed_text(ids), pos, mask)
     return {k: v[0] for k, v in rec.records.items()}
 
 
@@ -129,7 +130,7 @@ def run_impl(tts: Qwen3TTS, ref, record_taps: bool = True):
     settings, seed = settings_from_ref(tts, ref)
     with torch.inference_mode(), recording(tts.talker if record_taps else None, prefix="talker") as rec:
         prompt = build(tts.talker, tts.config, reqs)
-        res = generate(tts.talker, prompt, settings, make_generator(seed, tts.device), tts.attn)
+        res = generate(tts.talker, prompt, settings, make_generator(seed, tts.device))
     return res, rec.records
 
 
@@ -157,14 +158,15 @@ def compare_codes(name: str, ours: torch.Tensor, ref: torch.Tensor, margins: tor
 
 
 def teacher_run(tts, ref, dtype=torch.float32):
-    """impl's teacher-forced predictor on the case inputs -> {tap: tensor}."""
+    """impl's teacher-forced predictor on the case inputs -> {tap: tensor}, under ``tts.attn`` (a loaded model's
+    own setting, or the one a stand-in names)."""
     t = tts.talker
     dev = tts.device
     hidden = ref.input("hidden").to(dev, dtype)
     codes = ref.input("codes").to(dev)
-    with torch.inference_mode(), recording(t, prefix="talker") as rec:
+    with attention(t, tts.attn), torch.inference_mode(), recording(t, prefix="talker") as rec:
         c0 = t.embed_codec(codes[:, :1])
-        t.code_predictor.forward_teacher(hidden, codes, c0, impl=tts.attn)
+        t.code_predictor.forward_teacher(hidden, codes, c0)
     return {k: v[0] for k, v in rec.records.items()}
 
 

@@ -14,6 +14,7 @@ import torch
 from impl.codec import SpeechTokenizer
 from impl.codec.encoder import CodecEncoder
 from impl.config import SpeechTokenizerConfig
+from impl.layers import attention, set_attention
 from impl.loading import load_into, read_state_dict
 from impl.taps import recording, set_tap_paths
 from reference_export.cases.codec_decoder import OP_MODULES, D, decoder_blocks, pre_transformer_taps
@@ -158,18 +159,18 @@ def build_encoder(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.fl
     """impl's codec encoder from a checkpoint folder (keys ``encoder.*`` of speech_tokenizer/model.safetensors)."""
     folder = ckpt / "speech_tokenizer"
     cfg = SpeechTokenizerConfig.from_file(folder / "config.json")
-    enc = CodecEncoder(cfg.encoder_config, cfg.encoder_valid_num_quantizers, attn=attn)
+    enc = set_attention(CodecEncoder(cfg.encoder_config, cfg.encoder_valid_num_quantizers), attn)
     load_into(enc, read_state_dict(folder, "encoder."), str(folder / "model.safetensors"), "encoder.")
     set_tap_paths(enc, ENC)
     return enc.to(device=device, dtype=dtype).eval()
 
 
 def run_end_to_end(enc: CodecEncoder, ref, attn: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """impl on the reference's audio: ({tap: tensor}, per-item trimmed codes)."""
+    """impl on the reference's audio under attention ``attn``: ({tap: tensor}, per-item trimmed codes)."""
     dev = next(enc.parameters()).device
     audio, mask = ref.input("audio").to(dev), ref.input("padding_mask").to(dev)
-    with recording(enc, ENC) as rec, torch.no_grad():
-        out = enc(audio, mask, attn=attn)
+    with attention(enc, attn), recording(enc, ENC) as rec, torch.no_grad():
+        out = enc(audio, mask)
     got = {k: v[0] for k, v in rec.records.items()}
     items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
     return got, items
@@ -205,11 +206,12 @@ def transformer_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor], at
     B, T, _ = x.shape
     out = []
     cos, sin = tr.rotary_emb(x, torch.arange(T, device=dev)[None])
-    mask = tr.attention_mask(T, x.dtype, x.device, attn, enc.resolved_window_mode(attn))
+    with attention(enc, attn):
+        mask = tr.attention_mask(T, x.dtype, x.device, enc.resolved_window_mode())
     for i, layer in enumerate(tr.layers):
         base = f"{ENC}.encoder_transformer.layers.{i}"
-        with recording(enc, ENC) as rec, torch.no_grad():
-            layer(x, cos, sin, mask, attn)
+        with attention(enc, attn), recording(enc, ENC) as rec, torch.no_grad():
+            layer(x, cos, sin, mask)
         for p in LAYER_POINTS:
             name = f"{base}{p}" if p.startswith(":") else f"{base}.{p}"
             out.append(compare(name, rec.records[name][0], ref.tap(name), "block"))

@@ -206,7 +206,7 @@ def encoder_run(checkpoint_dir, reference, device: str = "cpu"):
     enc = build_encoder(checkpoint_dir(CODEC_VARIANT), device, BF16, attn=attn)
     with recording(enc, ENC) as rec, torch.no_grad():
         # as upstream's wrapper: the audio in the tokenizer's dtype
-        out = enc(ref16.input("audio").to(device, BF16), ref16.input("padding_mask").to(device), attn=attn)
+        out = enc(ref16.input("audio").to(device, BF16), ref16.input("padding_mask").to(device))
     got = {k: v[0] for k, v in rec.records.items()}
     for i, (c, n) in enumerate(zip(out.codes, out.lengths.tolist())):
         got[f"speech_tokenizer:codes_{i}"] = c[:, :n].transpose(0, 1)

@@ -62,10 +62,10 @@ def test_generation_matches_teacher_forcing(variant, checkpoint_dir, device, att
     cache = cp.allocate_cache(B, device, torch.float32)
     with torch.inference_mode(), recording(cp, prefix="talker.code_predictor") as rec:
         chooser = PredictorChooser(SamplingConfig(do_sample=False), None)
-        f1 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser, tts.attn)
-        f2 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser, tts.attn)
+        f1 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser)
+        f2 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser)
         codes = torch.cat([c0, f1.codes], 1)
-        teacher = cp.forward_teacher(hidden[:, 0], codes, tts.talker.embed_codec(c0), tts.attn)
+        teacher = cp.forward_teacher(hidden[:, 0], codes, tts.talker.embed_codec(c0))
     gen_logits = torch.stack([rec.records[f"talker.code_predictor.lm_head.{j}:out"][0] for j in range(15)], 1)
     assert torch.equal(f1.codes, f2.codes) and torch.equal(teacher.argmax(-1), f1.codes)
     r = compare("talker.code_predictor:logits (cached generation vs teacher-forced)", gen_logits, teacher, "stack")

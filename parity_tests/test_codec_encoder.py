@@ -106,7 +106,7 @@ def test_transformer_flash_window(runs, checkpoint_dir, record):
     with torch.no_grad():
         y_up = up.speech_tokenizer.encoder.encoder_transformer(x.cuda().bfloat16(), return_dict=True)[0].float().cpu()
         mine = copy.deepcopy(enc).to("cuda")
-        ys = {m: mine.encoder_transformer(x.cuda(), "sdpa", m).cpu() for m in ("sliding", "full")}
+        ys = {m: mine.encoder_transformer(x.cuda(), m).cpu() for m in ("sliding", "full")}  # sdpa, as built
     r_slide = compare("encoder_transformer (sliding vs upstream flash bf16)", ys["sliding"], y_up, "stack")
     r_full = compare("encoder_transformer (full vs upstream flash bf16)", ys["full"], y_up, "stack")
     record(r_slide, row="Mimi transformer (flash_attention_2)", component="Codec encoder", variant="base",

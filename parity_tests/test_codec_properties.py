@@ -26,6 +26,7 @@ from impl.codec.conv import (
 )
 from impl.codec.decoder import PreTransformer
 from impl.config import SpeechTokenizerConfig, preset_config_dicts
+from impl.layers import set_attention
 from reports.compare import compare
 
 from .helpers_codec import VARIANT, load_codec
@@ -126,7 +127,7 @@ def test_pre_transformer_streams(T, schedule, window):
     than the chunks. (RMSNorm and RoPE run in fp32 even in an fp64 model, as upstream; hence 1e-6.)"""
     cfg = SpeechTokenizerConfig.from_dict(preset_config_dicts("tiny", "base")[1]).decoder_config
     cfg.sliding_window = window
-    pt = _randomise(PreTransformer(cfg, attn="eager"), 7)
+    pt = _randomise(set_attention(PreTransformer(cfg), "eager"), 7)
     x = torch.randn(1, T, cfg.latent_dim, dtype=torch.float64)
     with torch.no_grad():
         full = pt(x).y

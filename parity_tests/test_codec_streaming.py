@@ -1,4 +1,4 @@
-"""True streaming decode (tests ``impl/codec/streaming.py`` and the ``stream`` paths of ``decoder.py``).
+"""True streaming decode (tests ``impl/codec/streaming.py`` and ``CodecDecoder.stream`` in ``decoder.py``).
 
 Streaming carries per-layer state (conv histories, trans-conv overlap tails, a 71-position KV cache) instead of
 recomputing context, so any chunking must give the FULL one-shot decode ``decoder(all codes)`` -- not upstream's
@@ -29,7 +29,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from impl.codec.streaming import DecoderStream, split_frames
+from impl.codec.streaming import split_frames
 from reference_export.cases.codec_decoder import D
 from reports.compare import compare
 from reports.results import OURS
@@ -49,9 +49,9 @@ SCHEDULE_STRATEGY = st.lists(st.integers(min_value=1, max_value=40), min_size=1,
 HYP_FRAMES = 80  # hypothesis runs: still past the 72-frame window, a little cheaper than the case's 90
 
 
-def stream_decode(decoder, codes_bfq: torch.Tensor, schedule: list[int]) -> torch.Tensor:
-    """codes (B, F, Q) pushed in chunks of ``schedule`` sizes -> (B, F*1920)."""
-    s = DecoderStream(decoder)
+def push_chunks(decoder, codes_bfq: torch.Tensor, schedule: list[int]) -> torch.Tensor:
+    """codes (B, F, Q) pushed into ``decoder.stream()`` in chunks of ``schedule`` sizes -> (B, F*1920)."""
+    s = decoder.stream()
     return torch.cat([s.push(c) for c in split_frames(codes_bfq, schedule)], dim=-1)
 
 
@@ -85,7 +85,7 @@ def stream_env(checkpoint_dir, reference, device, attn):
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
 def test_streaming_vs_upstream_oneshot(schedule: str, stream_env, record):
     codec, ref, codes = stream_env.codec, stream_env.ref, stream_env.codes
-    got = stream_decode(codec.decoder, codes, SCHEDULES[schedule]).cpu()  # (B, F*1920)
+    got = push_chunks(codec.decoder, codes, SCHEDULES[schedule]).cpu()  # (B, F*1920)
     r = compare(f"{D}:out (streamed: {schedule})", got[:, None], ref.tap(f"{D}:out").float(), "stack")
     record(r, row="Streaming decode vs one-shot", component=COMPONENT, variant=VARIANT,
            notes=f"chunk schedule {SCHEDULES[schedule]} vs upstream one-shot decoder(codes), {codes.shape[1]} frames")
@@ -98,7 +98,7 @@ def test_streaming_vs_upstream_oneshot(schedule: str, stream_env, record):
 @example(schedule=[71, 1, 1])
 def test_streaming_equals_oneshot_any_chunking_fp64(schedule: list[int], stream_env):
     codec64, codes, oneshot64 = stream_env.codec64, stream_env.codes, stream_env.oneshot64
-    got = stream_decode(codec64.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
+    got = push_chunks(codec64.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp64 streamed {schedule}", got, oneshot64, "stack")
     assert r, r.message
 
@@ -109,7 +109,7 @@ def test_streaming_equals_oneshot_any_chunking_fp64(schedule: list[int], stream_
 @example(schedule=[71, 1, 1])
 def test_streaming_fp32_any_chunking_stack(schedule: list[int], stream_env, record):
     codec, codes, oneshot32 = stream_env.codec, stream_env.codes, stream_env.oneshot32
-    got = stream_decode(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
+    got = push_chunks(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp32 streamed {schedule} vs fp32 one-shot", got, oneshot32, "stack")
     record(r, row="Streaming = one-shot, any chunking (fp32)", component=COMPONENT, variant=VARIANT,
            notes="hypothesis chunk schedules incl. 1 frame at a time; ours streamed vs ours one-shot", compares=OURS)
@@ -121,7 +121,7 @@ def test_streaming_fp32_any_chunking_stack(schedule: list[int], stream_env, reco
 @example(schedule=[1])
 def test_streaming_fp32_any_chunking_referee(schedule: list[int], stream_env):
     codec, codes, oneshot64, upstream_err = stream_env.codec, stream_env.codes, stream_env.oneshot64, stream_env.upstream_err
-    got = stream_decode(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
+    got = push_chunks(codec.decoder, codes[:1, :HYP_FRAMES], schedule).cpu()
     r = compare(f"fp32 streamed {schedule} vs fp64 one-shot", got.double(), oneshot64, "referee",
                 referee_ref_err=upstream_err)
     assert r, r.message
@@ -131,22 +131,24 @@ def test_audio_after_first_frame(stream_env):
     """The first pushed frame yields its 1920 samples at once, equal to the one-shot's first 1920."""
     codec, ref, codes = stream_env.codec, stream_env.ref, stream_env.codes
     oneshot = ref.tap(f"{D}:out")[:1, 0]
-    it = codec.decode_stream(codes[0], chunk_frames=1)
-    first = next(it)
-    assert first.shape == (1920,)
-    torch.testing.assert_close(torch.from_numpy(first), oneshot[0, :1920], rtol=1e-4, atol=1e-4)
-    second = next(it)
-    torch.testing.assert_close(torch.from_numpy(second), oneshot[0, 1920:3840], rtol=1e-4, atol=1e-4)
+    s = codec.decoder.stream()
+    first = s.push(codes[0, :1]).cpu()  # (f, Q) in -> (1, f*1920) out
+    assert first.shape == (1, 1920) and s.frames == 1
+    torch.testing.assert_close(first[0], oneshot[0, :1920], rtol=1e-4, atol=1e-4)
+    second = s.push(codes[0, 1:2].numpy()).cpu()  # arrays are pushed too
+    torch.testing.assert_close(second[0], oneshot[0, 1920:3840], rtol=1e-4, atol=1e-4)
 
 
 def test_state_is_not_mutated(stream_env):
     """``y, state = f(x, state)`` is functional: branching from a saved state twice gives the same audio."""
     codec, codes = stream_env.codec, stream_env.codes
-    dec = codec.decoder
-    with torch.inference_mode():
-        _, s0 = dec.stream(codes[:1, :75].transpose(1, 2).to(codec.device), None)
-        a, s1 = dec.stream(codes[:1, 75:80].transpose(1, 2).to(codec.device), s0)
-        b, _ = dec.stream(codes[:1, 75:80].transpose(1, 2).to(codec.device), s0)
+    s = codec.decoder.stream()
+    s.push(codes[:1, :75])
+    s0 = s.state
+    a = s.push(codes[:1, 75:80])
+    s1 = s.state
+    s.state = s0  # branch again from the saved state
+    b = s.push(codes[:1, 75:80])
     assert torch.equal(a, b)
     assert s0.frames == 75 and s1.frames == 80
     assert s0.pre_transformer.cache.length == 75
@@ -158,14 +160,14 @@ def test_stream_rejects_padding(stream_env):
     bad = codes[0, :3].clone()
     bad[2] = -1
     with pytest.raises(ValueError, match="negative codes"):
-        list(codec.decode_stream(bad))
+        codec.decoder.stream().push(bad)
 
 
 def test_iterable_input_batched(stream_env):
-    """An iterable of (B, f, Q) chunks yields (B, f*1920) chunks; the batch streams like the single rows."""
+    """(B, f, Q) chunks yield (B, f*1920) chunks; the batch streams like the single rows."""
     codec, ref, codes = stream_env.codec, stream_env.ref, stream_env.codes
-    chunks = list(split_frames(codes, [30, 60]))
-    out = [torch.from_numpy(w) for w in codec.decode_stream(iter(chunks))]
+    s = codec.decoder.stream()
+    out = [s.push(c).cpu() for c in split_frames(codes, [30, 60])]
     assert [tuple(o.shape) for o in out] == [(codes.shape[0], 30 * 1920), (codes.shape[0], 60 * 1920)]
     r = compare("streamed batch", torch.cat(out, -1)[:, None], ref.tap(f"{D}:out").float(), "stack")
     assert r, r.message

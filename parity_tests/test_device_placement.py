@@ -66,8 +66,8 @@ ALLOWED = {
         "user codes (array/list) -> tensor; decode() moves the padded batch to the codec device",
     ("codec/__init__.py", "SpeechTokenizer.decode_oneshot", "as_tensor"):
         "user codes -> tensor, moved to the codec device before the decoder",
-    ("codec/__init__.py", "SpeechTokenizer.decode_stream", "as_tensor"):
-        "user codes -> tensor; DecoderStream.push moves every chunk to the decoder's device",
+    ("codec/streaming.py", "DecoderStream.push", "as_tensor"):
+        "user codes (tensor or array) -> tensor, moved to the decoder's device before the step",
 }
 
 

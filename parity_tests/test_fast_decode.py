@@ -86,23 +86,24 @@ def test_fast_equals_eager(checkpoint_dir, variant: str, icl: bool, attn: str):
             prompt = build(tts.talker, tts.config, _requests(tts, variant, texts, icl))
             if len(texts) > 1:
                 assert prompt.has_padding, "the batch must be left-padded to test padded positions"
-            eager = generate(tts.talker, prompt, settings, None, attn)
-            fast = generate(tts.talker, prompt, settings, None, attn, fast="eager")  # the public dispatch
+            assert tts.attn == attn  # the model's own setting, chosen at load
+            eager = generate(tts.talker, prompt, settings, None)
+            fast = generate(tts.talker, prompt, settings, None, fast="eager")  # the public dispatch
             _assert_same(fast, eager, f"{variant}{'-icl' if icl else ''} batch {len(texts)} attn {attn}")
-            again = generate_fast(tts.talker, prompt, settings, attn, "eager")  # a reused decoder starts clean
+            again = generate_fast(tts.talker, prompt, settings, "eager")  # a reused decoder starts clean
             _assert_same(again, eager, f"reused decoder, batch {len(texts)}")
     clear_decoders()
 
 
-def _compiled_run(tts, backend: str, attn: str = "sdpa"):
+def _compiled_run(tts, backend: str):
     settings = GenerationSettings.greedy(BUDGET)
     with torch.inference_mode():
         prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS))
-        eager = generate(tts.talker, prompt, settings, None, attn)
+        eager = generate(tts.talker, prompt, settings, None)
         b, L, _ = prompt.embeds.shape
         torch._dynamo.reset()
         # mode "compile" is torch.compile(fullgraph=True): any graph break raises instead of splitting the step.
-        dec = StaticDecoder(tts.talker, b, round_capacity(L + BUDGET), "cpu", torch.float32, attn, "compile",
+        dec = StaticDecoder(tts.talker, b, round_capacity(L + BUDGET), "cpu", torch.float32, "compile",
                             compile_backend=backend)
         dec.load(prompt, settings)
         for _ in dec.frames_iter():
@@ -139,9 +140,9 @@ def test_cudagraph_equals_eager(checkpoint_dir, batch: int, mode: str):
     settings = GenerationSettings.greedy(BUDGET)
     with torch.inference_mode():
         prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS[:batch]))
-        eager = generate(tts.talker, prompt, settings, None, "sdpa")
-        fast = generate_fast(tts.talker, prompt, settings, "sdpa", mode)
-        again = generate_fast(tts.talker, prompt, settings, "sdpa", mode)  # replays the captured graph
+        eager = generate(tts.talker, prompt, settings, None)
+        fast = generate_fast(tts.talker, prompt, settings, mode)
+        again = generate_fast(tts.talker, prompt, settings, mode)  # replays the captured graph
     _assert_same(fast, eager, f"{mode} batch {batch}")
     _assert_same(again, eager, f"{mode} replay batch {batch}")
     clear_decoders()
@@ -154,8 +155,8 @@ def test_bucket_filler_rows_change_nothing(checkpoint_dir):
     settings = GenerationSettings.greedy(BUDGET)
     with torch.inference_mode():
         prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS))
-        eager = generate(tts.talker, prompt, settings, None, "sdpa")
-        dec = decoder_for(tts.talker, prompt, settings, "sdpa", "eager", batch_bucket=4)
+        eager = generate(tts.talker, prompt, settings, None)
+        dec = decoder_for(tts.talker, prompt, settings, "eager", batch_bucket=4)
         assert dec.B == 4
         dec.load(prompt, settings)
         for _ in dec.frames_iter():
@@ -187,9 +188,9 @@ def test_fast_path_refuses_sampling(checkpoint_dir):
     with torch.inference_mode():
         prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS[:1]))
         with pytest.raises(ValueError, match="greedy only"):
-            generate_fast(tts.talker, prompt, tts.settings(greedy=False, max_new_frames=4), "sdpa", "eager")
+            generate_fast(tts.talker, prompt, tts.settings(greedy=False, max_new_frames=4), "eager")
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        StaticDecoder(tts.talker, 1, 128, "cpu", torch.float32, "sdpa", "cudagraph")
+        StaticDecoder(tts.talker, 1, 128, "cpu", torch.float32, "cudagraph")
 
 
 def test_api_fast_equals_eager_api(checkpoint_dir):

@@ -163,7 +163,7 @@ def encoder_run(checkpoint_dir, reference):
     ref = reference("codec_encoder", VARIANT, dtype=DT, device="cpu")
     enc = build_encoder(checkpoint_dir(VARIANT), "cpu", F64, "sdpa")
     with recording(enc, ENC) as rec, torch.no_grad():
-        out = enc(ref.input("audio").to(F64), ref.input("padding_mask"), attn="sdpa")
+        out = enc(ref.input("audio").to(F64), ref.input("padding_mask"))
     items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
     return enc, ref, {k: v[0] for k, v in rec.records.items()}, items
 
@@ -186,12 +186,12 @@ def _transformer(enc, ref, got) -> list[CompareResult]:
     x = ref.tap(f"{ENC}.encoder:out").transpose(1, 2)  # (B, T25, C)
     T = x.shape[1]
     cos, sin = tr.rotary_emb(x, torch.arange(T)[None])
-    mask = tr.attention_mask(T, x.dtype, x.device, "sdpa", enc.resolved_window_mode("sdpa"))
+    mask = tr.attention_mask(T, x.dtype, x.device, enc.resolved_window_mode())  # enc was built under sdpa
     out = []
     for i, layer in enumerate(tr.layers):
         base = f"{ENC}.encoder_transformer.layers.{i}"
         with recording(enc, ENC) as rec, torch.no_grad():
-            layer(x, cos, sin, mask, "sdpa")
+            layer(x, cos, sin, mask)
         for p in LAYER_POINTS:
             name = f"{base}{p}" if p.startswith(":") else f"{base}.{p}"
             out.append(judge(name, rec.records.get(name, [None])[0], ref))

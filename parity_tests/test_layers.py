@@ -13,6 +13,7 @@ from impl.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rope,
+    attention,
     causal_mask,
     merge_mrope,
 )
@@ -65,15 +66,18 @@ def test_eager_equals_sdpa_and_prefill_equals_incremental(window):
     x = torch.randn(2, 7, 24, dtype=torch.float64)
     cos, sin = rot(x, torch.arange(7)[None].expand(2, 7))
     mask = causal_mask(7, 7, x.dtype, "cpu", window=window)
-    full_e = a(x, cos, sin, mask, impl="eager")
-    full_s = a(x, cos, sin, mask, impl="sdpa")
+    with attention(a, "eager"):
+        full_e = a(x, cos, sin, mask)
+    with attention(a, "sdpa"):
+        full_s = a(x, cos, sin, mask)
     # eager runs its softmax in fp32 (as upstream does), so in float64 the two backends agree to fp32 rounding
     assert torch.allclose(full_e, full_s, atol=1e-6)
     cache = KVCache.allocate(1, 2, 2, 16, 8, "cpu", torch.float64)
     outs = []
     for t in range(7):
         m = causal_mask(1, t + 1, x.dtype, "cpu", window=window)
-        outs.append(a(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], m, cache, 0, "eager"))
+        with attention(a, "eager"):
+            outs.append(a(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], m, cache, 0))
         cache.advance(1)
     assert torch.allclose(torch.cat(outs, 1), full_e, atol=1e-12)
 

@@ -63,9 +63,9 @@ class _SoftmaxInBf16:
         return e / e.sum(dim, keepdim=True)
 
 
-def _residual_in_fp32(self, x, cos, sin, mask, cache=None, layer=0, impl="sdpa"):
+def _residual_in_fp32(self, x, cos, sin, mask, cache=None, layer=0):
     # The bug: the residual stream kept fp32 through the layer, one cast at its output (upstream adds in bf16).
-    a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, impl)
+    a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
     h = x.float() + a.float()
     m = self.mlp(self.post_attention_layernorm(h.to(x.dtype)))
     return (h + m.float()).to(x.dtype)
@@ -102,7 +102,7 @@ def test_rope_angles_in_bf16(checkpoint_dir, reference, monkeypatch, record):
     attn = ref16.meta["attn"]
     enc = build_encoder(checkpoint_dir("base"), "cpu", BF16, attn=attn)
     with recording(enc, ENC) as rec, torch.no_grad():
-        enc(ref16.input("audio").to(BF16), ref16.input("padding_mask"), attn=attn)
+        enc(ref16.input("audio").to(BF16), ref16.input("padding_mask"))
     got = {k: v[0] for k, v in rec.records.items()}
     n = enc.cfg.num_hidden_layers
     L = f"{ENC}.encoder_transformer.layers"

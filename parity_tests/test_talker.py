@@ -120,18 +120,18 @@ def test_prefill_vs_incremental(impl, checkpoint_dir, reference, device, record)
         cache = t.allocate_cache(B, L + k, device, torch.float32)
         kp = torch.cat([p.attention_mask, torch.ones(B, k, dtype=torch.long, device=device)], 1)
         pos, deltas = rope_positions(p.attention_mask)
-        out = t(p.embeds, pos, causal_mask(L, L, torch.float32, torch.device(device), kp), cache, impl)
+        out = t(p.embeds, pos, causal_mask(L, L, torch.float32, torch.device(device), kp), cache)  # attn: impl
         inc_h, inc_l = [out.hidden[:, -1:]], [out.logits]
         for j in range(k):
             S = cache.length + 1
             o = t(xs[:, j:j + 1], step_positions(cache.length, deltas), causal_mask(1, S, torch.float32,
-                  torch.device(device), kp), cache, impl)
+                  torch.device(device), kp), cache)
             inc_h.append(o.hidden)
             inc_l.append(o.logits)
         # one prefill
         full_pos, _ = rope_positions(kp)
         full = t(torch.cat([p.embeds, xs], 1), full_pos, causal_mask(L + k, L + k, torch.float32,
-                 torch.device(device), kp), None, impl, all_logits=True)
+                 torch.device(device), kp), None, all_logits=True)
     results = [compare("talker.model.norm:out (incremental vs prefill)", torch.cat(inc_h, 1), full.hidden[:, L - 1:], "block"),
                compare("talker.codec_head:out (incremental vs prefill)", torch.cat(inc_l, 1), full.logits[:, L - 1:], "stack")]
     for r in results:
@@ -148,7 +148,7 @@ def test_bf16_referee(checkpoint_dir, reference, device, attn, record):
     tts = load_model(checkpoint_dir("custom_voice"), device, torch.bfloat16, attn)
     with torch.inference_mode(), recording(tts.talker, prefix="talker") as rec:
         p = build(tts.talker, tts.config, requests_from_ref(ref32))
-        generate(tts.talker, p, GenerationSettings.greedy(2), None, tts.attn)
+        generate(tts.talker, p, GenerationSettings.greedy(2), None)
     mask = ref32.tap("talker:prompt_mask").bool()
     results = []
     for name in ("talker:prompt_embeds", "talker.model.layers.0:out", "talker.model.norm:out", "talker.codec_head:out"):

@@ -6,18 +6,18 @@ Upstream: ``Qwen3TTSTokenizerV2Model`` (qwen_tts ``core/tokenizer_12hz``), loade
 
     st = SpeechTokenizer.from_dir(ckpt)                    # ckpt or ckpt/speech_tokenizer
     wavs = st.decode([codes_a, codes_b])                   # list of (F_i, 16) -> list of np.float32 (F_i*1920,)
-    for chunk in st.decode_stream(codes, chunk_frames=1):  # np.float32 (1920,) per frame, at once
-        ...
+    s = st.decoder.stream()                                # the streaming entry point: a DecoderStream
+    for c in split_frames(codes, [1]):                     # (F, Q) codes one frame at a time
+        wav = s.push(c)                                    # (1, 1920) per frame, at once (decoder's device)
 
 ``decode`` is upstream's: 300-frame chunks with 25 frames of recomputed left context (what upstream users get).
-``decode_stream`` carries state and equals the FULL one-shot decode ``st.decoder(codes)``; the two differ
-slightly after frame 300. Module paths for taps: ``speech_tokenizer.decoder.<upstream path>``.
+``decoder.stream()`` carries state and equals the FULL one-shot decode ``st.decoder(codes)`` (``decode_oneshot``);
+the two differ slightly after frame 300. Module paths for taps: ``speech_tokenizer.decoder.<upstream path>``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import SpeechTokenizerConfig
+from ..layers import check_attn_impl, set_attention
 from ..loading import CheckpointError, build_on_meta, finish_loaded, load_into, read_state_dict, weight_files
 from ..taps import set_tap_paths
 from .decoder import CodecDecoder, DecoderState
@@ -48,12 +49,12 @@ def _encoder_class() -> type | None:
 class SpeechTokenizer(nn.Module):
     """Decoder (and encoder when ``impl.codec.encoder`` provides one) under upstream's key names."""
 
-    def __init__(self, cfg: SpeechTokenizerConfig, attn: str = "sdpa", with_encoder: bool = True):
+    def __init__(self, cfg: SpeechTokenizerConfig, with_encoder: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.decoder = CodecDecoder(cfg.decoder_config, attn)
+        self.decoder = CodecDecoder(cfg.decoder_config)
         enc_cls = _encoder_class() if with_encoder else None
-        self.encoder = (enc_cls(cfg.encoder_config, cfg.encoder_valid_num_quantizers, attn=attn)
+        self.encoder = (enc_cls(cfg.encoder_config, cfg.encoder_valid_num_quantizers)
                         if enc_cls is not None else None)
         self.sample_rate = cfg.output_sample_rate
         set_tap_paths(self.decoder, "speech_tokenizer.decoder")
@@ -71,14 +72,16 @@ class SpeechTokenizer(nn.Module):
         exists; without one, ``encoder.*`` keys are checked to be only that and skipped. Any other key raises.
         Runs fp32 by default (upstream's codec config says float32); ``dtype=torch.bfloat16`` is selectable.
         ``encoder=False`` builds the decoder only (``encoder.*`` keys are then skipped, as without a module).
+        ``attn`` (``"eager"`` | ``"sdpa"``) is set once on decoder and encoder (:func:`impl.layers.set_attention`).
         """
+        check_attn_impl(attn)
         folder = Path(path)
         if (folder / "speech_tokenizer" / "config.json").exists():
             folder = folder / "speech_tokenizer"
         cfg = SpeechTokenizerConfig.from_file(folder / "config.json")
         # The loader recipe of impl.loading.load_module, in two strict parts (decoder, encoder) so each error
         # names its part: built on meta, the checkpoint's tensors (on device, in dtype) become the parameters.
-        model = build_on_meta(lambda: cls(cfg, attn, with_encoder=encoder))
+        model = build_on_meta(lambda: cls(cfg, with_encoder=encoder))
         where = str(weight_files(folder)[0])
         state = read_state_dict(folder, device=device, dtype=dtype)
         stray = sorted(k for k in state if not k.startswith(("decoder.", "encoder.")))
@@ -90,7 +93,7 @@ class SpeechTokenizer(nn.Module):
             load_into(model.encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}, where,
                       "encoder.")
         del state
-        return finish_loaded(model, device, where)
+        return set_attention(finish_loaded(model, device, where), attn)
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +124,7 @@ class SpeechTokenizer(nn.Module):
     @torch.inference_mode()
     def decode_oneshot(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """The full one-shot decode of valid codes (F, Q) -> (F*1920,), or (B, F, Q) -> (B, F*1920), float32:
-        what ``decode_stream`` equals (no 300-frame chunking, no -1 padding)."""
+        what streaming with ``self.decoder.stream()`` equals (no 300-frame chunking, no -1 padding)."""
         t = torch.as_tensor(codes).long()
         single = t.ndim == 2
         t = t[None] if single else t
@@ -129,24 +132,6 @@ class SpeechTokenizer(nn.Module):
             raise ValueError("negative codes: use decode() for -1-padded batches")
         wav = self.decoder(t.to(self.device).transpose(1, 2))[:, 0].float().cpu().numpy()  # (B, F*1920)
         return wav[0] if single else wav
-
-    def decode_stream(self, codes: torch.Tensor | Iterable[torch.Tensor], chunk_frames: int = 1
-                      ) -> Iterator[np.ndarray]:
-        """Yield float32 audio as codes arrive: ``codes`` is a full (F, Q) / (B, F, Q) tensor cut into
-        ``chunk_frames`` pieces, or any iterable of (f, Q) / (B, f, Q) chunks (e.g. frames from generation).
-        Each chunk of f frames yields f*1920 samples ((B, f*1920) for batched input); the concatenation equals
-        the full one-shot decode. Audio for frame 1 comes out right after frame 1 is pushed."""
-        if isinstance(codes, (torch.Tensor, np.ndarray)):
-            t = torch.as_tensor(codes).long()
-            chunks: Iterable[torch.Tensor] = split_frames(t, [chunk_frames])
-            squeeze = t.ndim == 2
-        else:
-            chunks, squeeze = codes, None
-        s = DecoderStream(self.decoder)
-        for chunk in chunks:
-            chunk = torch.as_tensor(chunk).long()
-            wav = s.push(chunk).float().cpu().numpy()  # (B, f*1920)
-            yield wav[0] if (squeeze if squeeze is not None else chunk.ndim == 2) else wav
 
     # ---------------------------------------------------------------------------------------- encode
 
@@ -158,4 +143,4 @@ class SpeechTokenizer(nn.Module):
         return self.encoder.encode(*args, **kwargs)
 
 
-__all__ = ["SpeechTokenizer", "CodecDecoder", "DecoderState", "DecoderStream"]
+__all__ = ["SpeechTokenizer", "CodecDecoder", "DecoderState", "DecoderStream", "split_frames"]

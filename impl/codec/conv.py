@@ -65,7 +65,8 @@ class DecoderBlockState:
 
 
 class Streamed(NamedTuple):
-    """What every ``stream`` returns: the output chunk and the state to pass with the next chunk."""
+    """What every stateful layer (and ``CodecDecoder._step``) returns: the output chunk and the state to pass with
+    the next chunk."""
 
     y: torch.Tensor
     state: object

@@ -13,10 +13,11 @@ the checkpoint's module names (``quantizer``, ``pre_conv``, ``pre_transformer``,
       decoder.1..4     DecoderBlock ×8, ×5, ×4, ×3 (channels halve)     -> (B, decoder_dim/16, 1920F)
       decoder.5, .6    SnakeBeta, causal conv k7 -> 1 channel; clamp(-1, 1)    (B, 1, 1920F)
 
-Every stage is causal with no look-ahead, so ``stream(codes, state)`` on consecutive chunks equals ``forward`` on
-all frames (see ``streaming.py``); ``forward(codes)`` is ``stream(codes, None).y``. ``chunked_decode`` and
-``decode_padded`` reproduce what upstream's ``decode()`` hands users (300-frame chunks, 25 frames of recomputed
-left context), which is NOT the one-shot decode after frame 300.
+Every stage is causal with no look-ahead, so ``_step(codes, state)`` on consecutive chunks equals ``forward`` on
+all frames (see ``streaming.py``); ``forward(codes)`` is ``_step(codes, None).y``, and ``stream()`` returns the
+``DecoderStream`` that carries the state between pushes (the codec's one streaming entry point).
+``chunked_decode`` and ``decode_padded`` reproduce what upstream's ``decode()`` hands users (300-frame chunks,
+25 frames of recomputed left context), which is NOT the one-shot decode after frame 300.
 
 Deliberate difference: upstream always builds the quantizer with one semantic codebook whatever
 ``num_semantic_quantizers`` says; so does this (the released config says 1).
@@ -32,7 +33,7 @@ from torch import nn
 
 from ..config import CodecDecoderConfig
 from ..kv_cache import SlidingKVCache
-from ..layers import DecoderLayer, RMSNorm, RotaryEmbedding, causal_mask, check_attn_impl
+from ..layers import DecoderLayer, RMSNorm, RotaryEmbedding, causal_mask
 from .conv import (
     CausalConv1d,
     CausalTransConv1d,
@@ -45,6 +46,7 @@ from .conv import (
     TransConvState,
 )
 from .quantizer import SplitResidualVectorQuantizer
+from .streaming import DecoderStream
 
 
 @dataclass
@@ -71,13 +73,13 @@ class PreTransformer(nn.Module):
 
     Layers are the shared ``impl.layers.DecoderLayer`` with layer scales and no QK-norm: RMSNorm eps from the
     config (1e-5), 1D RoPE θ=1e4 on absolute frame positions, window ``sliding_window`` (72): the query at frame
-    i sees keys i-71 .. i, 72 keys including itself. Input/output projections have biases.
+    i sees keys i-71 .. i, 72 keys including itself. Input/output projections have biases. The attention kernel
+    is the layers' module setting (:func:`impl.layers.set_attention`, called by ``SpeechTokenizer.from_dir``).
     """
 
-    def __init__(self, cfg: CodecDecoderConfig, attn: str = "sdpa"):
+    def __init__(self, cfg: CodecDecoderConfig):
         super().__init__()
         self.window = cfg.sliding_window
-        self.attn = check_attn_impl(attn)
         self.layers = nn.ModuleList([
             DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                          cfg.head_dim, eps=cfg.rms_norm_eps, qk_norm=False,
@@ -101,7 +103,7 @@ class PreTransformer(nn.Module):
         # that local axis. None when nothing is masked (one frame with a short past).
         mask = causal_mask(T, kept + T, h.dtype, h.device, window=self.window)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i, self.attn)
+            h = layer(h, cos, sin, mask, cache, i)
         cache.advance(T)
         return Streamed(self.output_proj(self.norm(h)), PreTransformerState(cache))
 
@@ -109,11 +111,11 @@ class PreTransformer(nn.Module):
 class CodecDecoder(nn.Module):
     """The whole decoder (upstream ``Qwen3TTSTokenizerV2Decoder``); see the module docstring for the stages."""
 
-    def __init__(self, cfg: CodecDecoderConfig, attn: str = "sdpa"):
+    def __init__(self, cfg: CodecDecoderConfig):
         super().__init__()
         self.cfg = cfg
         self.total_upsample = math.prod(cfg.upsample_rates + cfg.upsampling_ratios)  # 1920 samples per frame
-        self.pre_transformer = PreTransformer(cfg, attn)
+        self.pre_transformer = PreTransformer(cfg)
         self.quantizer = SplitResidualVectorQuantizer(n_q=cfg.num_quantizers, dim=cfg.codebook_dim // 2,
                                                       io_dim=cfg.codebook_dim, codebook_size=cfg.codebook_size)
         self.pre_conv = CausalConv1d(cfg.codebook_dim, cfg.latent_dim, kernel_size=3)
@@ -133,10 +135,16 @@ class CodecDecoder(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, Q, F) long -> wav (B, 1, F*1920), clamped to [-1, 1]. The one-shot decode."""
-        return self.stream(codes, None).y
+        return self._step(codes, None).y
 
-    def stream(self, codes: torch.Tensor, state: DecoderState | None) -> Streamed:
-        """codes (B, Q, f) continuing ``state`` -> (wav (B, 1, f*1920), new state). ``state=None`` starts fresh."""
+    def stream(self) -> DecoderStream:
+        """A fresh :class:`~impl.codec.streaming.DecoderStream` on this decoder: ``s.push(codes (f, Q) or
+        (B, f, Q))`` -> audio (B, f*1920) at once; the pushes join to the one-shot ``self(codes)``."""
+        return DecoderStream(self)
+
+    def _step(self, codes: torch.Tensor, state: DecoderState | None) -> Streamed:
+        """codes (B, Q, f) continuing ``state`` -> (wav (B, 1, f*1920), new state). ``state=None`` starts fresh;
+        ``state`` itself is never mutated. ``DecoderStream.push`` holds the state between calls."""
         B, Q, F = codes.shape
         if Q != self.cfg.num_quantizers:
             raise ValueError(f"Expected {self.cfg.num_quantizers} layer of codes, got {Q}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodecEncoderConfig
-from ..layers import Attention, LayerScale, RotaryEmbedding, causal_mask, check_attn_impl
+from ..layers import Attention, AttentionSetting, LayerScale, RotaryEmbedding, causal_mask
 from ..taps import tap
 
 # upstream attention backend -> our window mode (see module docstring).
@@ -164,14 +164,17 @@ class MimiTransformerLayer(nn.Module):
         self.self_attn_layer_scale = LayerScale(C, cfg.layer_scale_initial_scale)
         self.mlp_layer_scale = LayerScale(C, cfg.layer_scale_initial_scale)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                impl: str) -> torch.Tensor:
-        h = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, impl=impl))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        h = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask))
         return h + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(h)))
 
 
-class MimiTransformer(nn.Module):
-    """Encoder transformer (upstream ``MimiTransformerModel``): (B, T25, C) -> (B, T25, C), positions 0..T25-1."""
+class MimiTransformer(AttentionSetting, nn.Module):
+    """Encoder transformer (upstream ``MimiTransformerModel``): (B, T25, C) -> (B, T25, C), positions 0..T25-1.
+
+    Its ``attn_impl`` (set with its layers' by :func:`impl.layers.set_attention`) picks the mask: the eager
+    kernel needs an explicit one where sdpa uses ``is_causal``."""
 
     def __init__(self, cfg: CodecEncoderConfig):
         super().__init__()
@@ -179,7 +182,7 @@ class MimiTransformer(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.sliding_window = cfg.sliding_window
 
-    def attention_mask(self, T: int, dtype: torch.dtype, device: torch.device, impl: str,
+    def attention_mask(self, T: int, dtype: torch.dtype, device: torch.device,
                        window_mode: str) -> torch.Tensor | None:
         """Additive mask (1, 1, T, T) for ``window_mode``, or None where SDPA's own ``is_causal`` does the job."""
         if window_mode == "sliding":
@@ -188,15 +191,15 @@ class MimiTransformer(nn.Module):
         if window_mode == "full":
             # sdpa: no mask, is_causal=True inside Attention (upstream's SDPA path skips the mask the same way);
             # eager: an explicit additive finfo.min mask, as upstream's create_causal_mask builds it.
-            return causal_mask(T, T, dtype, device) if impl == "eager" else None
+            return causal_mask(T, T, dtype, device) if self.attn_impl == "eager" else None
         raise ValueError(f"window_mode {window_mode!r} is not 'full' or 'sliding'")
 
-    def forward(self, x: torch.Tensor, impl: str = "sdpa", window_mode: str = "full") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_mode: str = "full") -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = self.rotary_emb(x, torch.arange(T, device=x.device)[None])  # (1, T, D) each, x.dtype
-        mask = self.attention_mask(T, x.dtype, x.device, impl, window_mode)
+        mask = self.attention_mask(T, x.dtype, x.device, window_mode)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, impl)
+            x = layer(x, cos, sin, mask)
         return x
 
 
@@ -295,14 +298,14 @@ class EncoderOutput(NamedTuple):
 class CodecEncoder(nn.Module):
     """The 12 Hz speech-tokenizer encoder (upstream ``Qwen3TTSTokenizerV2Encoder`` + ``...V2Model.encode``).
 
-    ``attn`` picks our kernel (``eager`` | ``sdpa``); ``window_mode`` (``"full"`` | ``"sliding"``) defaults to what
-    upstream does under the same backend name, ``WINDOW_BY_ATTN[attn]`` (full causal); pass ``"sliding"`` to
-    mirror upstream under ``flash_attention_2``. Taps: ``speech_tokenizer.encoder.<path>:out`` by hooks, plus
-    ``quantizer:codes`` (B, Q, F).
+    The attention kernel (``eager`` | ``sdpa``) is the module setting of its transformer
+    (:func:`impl.layers.set_attention`, called by the loaders); ``window_mode`` (``"full"`` | ``"sliding"``)
+    defaults to what upstream does under the same backend name, ``WINDOW_BY_ATTN[attn_impl]`` (full causal);
+    pass ``"sliding"`` to mirror upstream under ``flash_attention_2``. Taps: ``speech_tokenizer.encoder.<path>:out``
+    by hooks, plus ``quantizer:codes`` (B, Q, F).
     """
 
-    def __init__(self, cfg: CodecEncoderConfig, valid_quantizers: int, *, attn: str = "sdpa",
-                 window_mode: str | None = None):
+    def __init__(self, cfg: CodecEncoderConfig, valid_quantizers: int, *, window_mode: str | None = None):
         super().__init__()
         if not cfg.use_causal_conv:
             raise ValueError("Mimi encoder with use_causal_conv=False is not implemented (every release is causal)")
@@ -312,7 +315,6 @@ class CodecEncoder(nn.Module):
             raise ValueError(f"valid_quantizers {valid_quantizers} not in [1, {cfg.num_quantizers}]")
         self.cfg = cfg
         self.valid_quantizers = valid_quantizers
-        self.attn = check_attn_impl(attn)
         self.window_mode = window_mode
         self.encoder = SEANetEncoder(cfg)
         self.encoder_transformer = MimiTransformer(cfg)
@@ -326,16 +328,14 @@ class CodecEncoder(nn.Module):
         self.quantizer = SplitResidualVectorQuantizer(cfg)
         self.hop_length = hop * 2  # samples per code frame (1920)
 
-    def resolved_window_mode(self, attn: str) -> str:
-        return self.window_mode if self.window_mode is not None else WINDOW_BY_ATTN[attn]
+    def resolved_window_mode(self) -> str:
+        return self.window_mode if self.window_mode is not None else WINDOW_BY_ATTN[self.encoder_transformer.attn_impl]
 
-    def forward(self, audio: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                attn: str | None = None) -> EncoderOutput:
+    def forward(self, audio: torch.Tensor, padding_mask: torch.Tensor | None = None) -> EncoderOutput:
         """audio (B, T) or (B, 1, T) in the model dtype; padding_mask (B, T), 1 = real sample (right padding)."""
-        attn = check_attn_impl(attn or self.attn)
         x = audio if audio.ndim == 3 else audio[:, None]  # (B, 1, T)
         x = self.encoder(x)  # (B, C, T25)
-        x = self.encoder_transformer(x.transpose(1, 2), attn, self.resolved_window_mode(attn))  # (B, T25, C)
+        x = self.encoder_transformer(x.transpose(1, 2), self.resolved_window_mode())  # (B, T25, C)
         latents = self.downsample(x.transpose(1, 2))  # (B, C, F)
         codes = self.quantizer.encode(latents, self.valid_quantizers).transpose(0, 1)  # (Q, B, F) -> (B, Q, F)
         tap(self.quantizer, "codes", codes)

@@ -12,6 +12,9 @@ KV cache below for the pre-transformer), and the decoder is causal with zero loo
   ``CodecDecoder(codes)`` on all frames, up to float rounding (stack tier) -- not ``chunked_decode``;
 - every pushed frame yields its 1920 samples at once: audio is available after the first frame.
 
+The one codec-level entry point is ``CodecDecoder.stream()``, which returns a :class:`DecoderStream` (the
+per-layer state between pushes); ``Qwen3TTS.stream`` is the model-level one and uses it.
+
 ``SlidingKVCache`` (in :mod:`impl.kv_cache`, with the other caches; re-exported here) duck-types
 ``impl.kv_cache.KVCache`` (``update`` / ``advance``) so the shared ``Attention`` runs on it unchanged.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..kv_cache import SlidingKVCache
@@ -32,12 +36,15 @@ if TYPE_CHECKING:
 class DecoderStream:
     """Push codes, get audio at once: ``wav = stream.push(codes)`` with codes (B, f, Q) or (f, Q) -> (B, f*1920).
 
-    Holds the ``DecoderState`` between pushes; ``reset()`` starts a new utterance. Codes must be valid
-    (0 <= code < codebook size): there is no -1 padding in a stream. Per-frame pushes are many small ops: on a
-    busy CPU, ``torch.set_num_threads(1)`` made a frame-at-a-time tiny decode 8-15x faster (measured).
+    Made by ``CodecDecoder.stream()``. Holds the ``DecoderState`` between pushes (``state``, ``frames``);
+    ``reset()`` starts a new utterance. Codes (a tensor on any device, or an array) must be valid
+    (0 <= code < codebook size): there is no -1 padding in a stream. Audio comes back on the decoder's device, in
+    its dtype. Per-frame pushes are many small ops: on a busy CPU, ``torch.set_num_threads(1)`` made a
+    frame-at-a-time tiny decode 8-15x faster (measured).
 
-    Usage: ``s = DecoderStream(decoder); a = s.push(codes[:1]); b = s.push(codes[1:])`` -- ``cat(a, b)`` equals
-    the one-shot ``decoder(codes)`` up to fp32 rounding.
+    Usage: ``s = decoder.stream(); a = s.push(codes[:1]); b = s.push(codes[1:])`` -- ``cat(a, b)`` equals the
+    one-shot ``decoder(codes)`` up to fp32 rounding; ``for c in split_frames(codes, [n]): s.push(c)`` pushes n
+    frames at a time.
     """
 
     def __init__(self, decoder: CodecDecoder):
@@ -52,7 +59,8 @@ class DecoderStream:
         self.state = None
 
     @torch.inference_mode()
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
+    def push(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        codes = torch.as_tensor(codes).long()
         if codes.ndim == 2:
             codes = codes[None]  # (1, f, Q)
         if codes.ndim != 3:
@@ -60,16 +68,8 @@ class DecoderStream:
         if codes.numel() and int(codes.min()) < 0:
             raise ValueError("negative codes in a stream (-1 padding is only meaningful for batch decode)")
         p = next(self.decoder.parameters())
-        wav, self.state = self.decoder.stream(codes.to(p.device).transpose(1, 2), self.state)  # (B, 1, f*1920)
+        wav, self.state = self.decoder._step(codes.to(p.device).transpose(1, 2), self.state)  # (B, 1, f*1920)
         return wav[:, 0]
-
-
-def stream_decode(decoder: CodecDecoder, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Decode an iterable of code chunks ((B, f, Q) or (f, Q), any f >= 1) lazily, yielding (B, f*1920) audio per
-    chunk as soon as it is pushed. The concatenation equals the one-shot ``decoder(all codes)``."""
-    s = DecoderStream(decoder)
-    for chunk in chunks:
-        yield s.push(chunk)
 
 
 def split_frames(codes: torch.Tensor, schedule: Iterable[int]) -> Iterator[torch.Tensor]:
@@ -85,4 +85,4 @@ def split_frames(codes: torch.Tensor, schedule: Iterable[int]) -> Iterator[torch
         start += last
 
 
-__all__ = ["SlidingKVCache", "DecoderStream", "stream_decode", "split_frames"]
+__all__ = ["SlidingKVCache", "DecoderStream", "split_frames"]

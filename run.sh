@@ -11,11 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${QWEN3TTS_VENV:-.venv}
 PY="$VENV/bin/python"
+# QWEN3TTS_PYTHON=/path/to/python: use that interpreter as it is and skip the setup (a CUDA machine whose image
+# brings its own torch, offline; see README "On a CUDA machine").
+[ -n "${QWEN3TTS_PYTHON:-}" ] && PY=$QWEN3TTS_PYTHON
 
 # pip on these machines warns about every absent local index folder; keep real messages only.
 quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 setup() {
+    [ -n "${QWEN3TTS_PYTHON:-}" ] && return 0
     local stamp="$VENV/.requirements.lock"
     if [ -x "$PY" ] && cmp -s requirements.lock "$stamp"; then return 0; fi
     local base=${PYTHON:-python3}

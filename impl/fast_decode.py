@@ -281,7 +281,10 @@ class StaticDecoder:
         return GenerationResult(codes, hidden, reasons, margs, n, self.lengths)
 
 
-_DECODERS: dict[tuple, StaticDecoder] = {}
+_DECODERS: dict[tuple, StaticDecoder] = {}  # least recently used first
+# Decoders kept across calls: each holds its talker, its KV buffers and its compiled step / graphs, so an unbounded
+# cache would keep every model and bucket ever used alive for the life of the process.
+MAX_DECODERS = 4
 
 
 def clear_decoders() -> None:
@@ -300,10 +303,12 @@ def decoder_for(talker: Talker, prompt: BatchPrompt, settings: GenerationSetting
     S = round_capacity(L + settings.max_new_tokens)
     key = (id(talker), B, S, prompt.embeds.device, prompt.embeds.dtype, get_attention(talker), mode,
            settings.talker.repetition_penalty, settings.talker.min_new_tokens)
-    dec = _DECODERS.get(key)
+    dec = _DECODERS.pop(key, None)
     if dec is None or dec.talker is not talker:
+        while len(_DECODERS) >= MAX_DECODERS:
+            _DECODERS.pop(next(iter(_DECODERS)))  # the least recently used
         dec = StaticDecoder(talker, B, S, prompt.embeds.device, prompt.embeds.dtype, mode)
-        _DECODERS[key] = dec
+    _DECODERS[key] = dec  # now the most recently used
     return dec
 
 

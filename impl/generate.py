@@ -42,6 +42,8 @@ from .talker import Talker, rope_positions, step_positions
 # minutes (hours at 1.7B on CPU). A run that hits it says ``stop=budget``.
 BUDGET_BASE_FRAMES = 75
 BUDGET_FRAMES_PER_TOKEN = 15
+# Talker KV-cache room allocated before the first frame (~10 s of audio); it doubles on demand up to the budget.
+CACHE_START_FRAMES = 128
 
 
 def default_frame_budget(text_tokens: int) -> int:
@@ -118,8 +120,10 @@ class TalkerLoop:
         N = settings.max_new_tokens
         G = tc.num_code_groups
         self.B, self.L, self.N, self.G = B, L, N, G
-        # The prefill writes L positions, then one per decode step (at most N - 1).
-        self.cache = talker.allocate_cache(B, L + N, dev, dtype)
+        # The prefill writes L positions, then one per decode step (at most N - 1). The budget N is often far
+        # above what a text needs (75 + 15 x tokens frames by default): room for CACHE_START_FRAMES is allocated
+        # now and the cache doubles as frames come.
+        self.cache = talker.allocate_cache(B, L + N, dev, dtype, initial=L + min(N, CACHE_START_FRAMES))
         self.cp_cache = talker.code_predictor.allocate_cache(B, dev, dtype)
         self.key_padding = None
         if prompt.has_padding:

@@ -22,30 +22,50 @@ import torch
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: k, v (layers, B, K, S_max, D); ``length`` positions filled.
+    """Keys/values for every layer: k, v (layers, B, K, S, D); ``length`` positions filled.
 
     Passed into ``forward`` and advanced explicitly by the owner (``advance(T)`` after all layers ran), so a
-    prefill and a one-token step go through the same code.
+    prefill and a one-token step go through the same code. ``limit`` is the most positions it may hold: a cache
+    allocated below it (``allocate(..., initial=...)``) doubles its capacity when a write needs more, so a long
+    generation budget does not cost its whole cache up front (at 0.6B fp32 a position is 229 KB per batch row).
+    Growth is decided from host-side lengths only: no device sync.
+
+    >>> c = KVCache.allocate(1, 1, 1, max_len=10, head_dim=2, device="cpu", dtype=torch.float32, initial=2)
+    >>> _ = c.update(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2)); c.advance(3); c.capacity
+    4
     """
 
     k: torch.Tensor
     v: torch.Tensor
     length: int = 0
+    limit: int | None = None  # None: fixed at the allocated capacity
 
     @classmethod
     def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                 device: torch.device | str, dtype: torch.dtype, initial: int | None = None) -> KVCache:
+        """Room for ``max_len`` positions, allocated now, or ``initial`` now and grown up to ``max_len``."""
+        cap = max_len if initial is None else max(1, min(initial, max_len))
+        shape = (n_layers, batch, n_kv_heads, cap, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   limit=max_len)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    def _grow(self, need: int) -> None:
+        new = min(max(need, 2 * self.capacity), self.limit)
+        pad = list(self.k.shape)
+        pad[3] = new - self.capacity
+        self.k = torch.cat((self.k, self.k.new_zeros(pad)), dim=3)
+        self.v = torch.cat((self.v, self.v.new_zeros(pad)), dim=3)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, K, T, D) at the current length; return all filled keys/values (B, K, length+T, D)."""
         t = k.shape[2]
         end = self.length + t
+        if end > self.capacity and self.limit is not None and end <= self.limit:
+            self._grow(end)
         if end > self.capacity:
             raise ValueError(f"KV cache full: {self.length} + {t} positions > capacity {self.capacity}")
         self.k[layer, :, :, self.length:end] = k

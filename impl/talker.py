@@ -169,6 +169,9 @@ class Talker(nn.Module):
         logits = self.logits(hidden if all_logits else hidden[:, -1:])
         return TalkerOutput(hidden, logits)
 
-    def allocate_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
+    def allocate_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype,
+                       initial: int | None = None) -> KVCache:
+        """A KV cache for ``max_len`` positions (``initial`` allocated now, grown on demand; see ``KVCache``)."""
         c = self.cfg
-        return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, device, dtype)
+        return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, device, dtype,
+                                initial=initial)

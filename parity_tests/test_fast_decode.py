@@ -95,6 +95,22 @@ def test_fast_equals_eager(checkpoint_dir, variant: str, icl: bool, attn: str):
     clear_decoders()
 
 
+def test_decoder_cache_is_bounded(checkpoint_dir, monkeypatch):
+    """Cached static decoders hold their talker, buffers and compiled steps: at most MAX_DECODERS are kept, the
+    least recently used dropped first, and a reused one is the same object."""
+    import impl.fast_decode as fd
+
+    clear_decoders()
+    monkeypatch.setattr(fd, "MAX_DECODERS", 2)
+    tts = load_model(checkpoint_dir("custom_voice"), "cpu", torch.float32, "sdpa")
+    with torch.inference_mode():
+        prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS[:1], False))
+        decs = [fd.decoder_for(tts.talker, prompt, GenerationSettings.greedy(n)) for n in (8, 300, 600)]
+        assert len(fd._DECODERS) == 2 and decs[0] not in fd._DECODERS.values()
+        assert fd.decoder_for(tts.talker, prompt, GenerationSettings.greedy(600)) is decs[2]
+    clear_decoders()
+
+
 def _compiled_run(tts, backend: str):
     settings = GenerationSettings.greedy(BUDGET)
     with torch.inference_mode():

@@ -30,7 +30,7 @@ from reference_export.cases.lm import MODES, gen_case_name
 from reports.compare import CompareResult, compare
 from reports.results import FORMULA, OURS
 
-from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, compare_codes, load_model
+from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, compare_codes, load_model, run_impl
 from .helpers_bf16 import bf16_call_limits, bf16_codes_results, bf16_run, three_way
 
 
@@ -275,3 +275,34 @@ def test_stream_and_synthesize(variant, checkpoint_dir, reference, device, recor
     assert r, r.message
     wav, sr = tts.synthesize(text, greedy=True, max_new_frames=14, **kw)
     assert sr == 24000 and wav.dtype.name == "float32" and wav.ndim == 1 and len(wav) == codes.shape[0] * 1920
+
+
+def test_growing_kv_cache_gives_the_same_codes(checkpoint_dir, reference, device, dtype, attn, monkeypatch, record):
+    """The talker's KV cache starts at CACHE_START_FRAMES and doubles on demand (issue: speed, cache capacity). Set to
+    one frame, every run regrows it many times; the greedy codes must still equal upstream's exactly (fp32)."""
+    if dtype != torch.float32:
+        pytest.skip("exact codes are the fp32 claim; bf16 generation is judged by test_generate_bf16.py")
+    import impl.generate
+    from impl.kv_cache import KVCache
+
+    monkeypatch.setattr(impl.generate, "CACHE_START_FRAMES", 1)
+    grown = []
+    orig = KVCache._grow
+
+    def counting_grow(self, need):
+        grown.append(need)
+        orig(self, need)
+
+    monkeypatch.setattr(KVCache, "_grow", counting_grow)
+    mode, nsm = "custom_voice", False
+    variant = MODES[mode][0]
+    ref = reference(gen_case_name(mode, nsm), variant)
+    res, _ = run_impl(load_model(checkpoint_dir(variant), device, dtype, attn), ref, record_taps=False)
+    ups = ref.tap_steps("generate:codes")
+    results = [compare_codes(f"generate:codes[{i}]", ours, up.long(), res.margins[i])
+               for i, (ours, up) in enumerate(zip(res.codes, ups))]
+    for r in results:
+        record(r, row="Greedy codes with a growing KV cache (1 frame, doubled on demand)", component="Generation",
+               variant=variant)
+    assert len(results) == 3 and all(results), " | ".join(r.message for r in results if not r)
+    assert len(grown) >= 2, f"the talker cache grew {len(grown)} times; the test did not exercise growth"

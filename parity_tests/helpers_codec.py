@@ -221,8 +221,10 @@ def transformer_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor], at
     return out
 
 
-def codes_results(ref, got: dict[str, torch.Tensor], items: list[torch.Tensor]) -> list[CompareResult]:
-    out = [compare(n, got[n], ref.tap(n), "stack") for n in (
+def codes_results(ref, got: dict[str, torch.Tensor], items: list[torch.Tensor],
+                  tier: str = "stack") -> list[CompareResult]:
+    """The quantizer inputs at ``tier`` (stack in fp32; the fp64 tier for float64 runs), then the codes exactly."""
+    out = [compare(n, got[n], ref.tap(n), tier) for n in (
         f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
         f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")]
     name = f"{ENC}.quantizer:codes"

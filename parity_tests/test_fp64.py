@@ -52,7 +52,7 @@ from reference_export.cases.talker import layer_taps
 from reports.compare import CompareResult, compare, compare_exact
 
 from .helpers import LAYER0_ROWS, run_stack, teacher_run
-from .helpers_codec import ENC, LAYER_POINTS, build_encoder, load_codec, row_results, rows
+from .helpers_codec import ENC, LAYER_POINTS, build_encoder, codes_results, load_codec, row_results, rows
 from .rows import Row, assert_row, missing
 
 VARIANT = "base"
@@ -202,15 +202,7 @@ def _transformer(enc, ref, got) -> list[CompareResult]:
 
 
 def _codes(enc, ref, got, items) -> list[CompareResult]:
-    out = [judge(n, got.get(n), ref) for n in (
-        f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
-        f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")]
-    name = f"{ENC}.quantizer:codes"
-    out.append(compare_exact(name, got[name], ref.tap(name), axes=("batch", "codebook", "frame")))
-    for i, c in enumerate(items):
-        name = f"speech_tokenizer:codes_{i}"
-        out.append(compare_exact(name, c, ref.tap(name), axes=("frame", "codebook")))
-    return out
+    return codes_results(ref, got, items, tier="fp64")
 
 
 ENCODER_ROWS = {"Mimi SEANet": lambda e, r, g, i: _seanet(e, r, g),

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
     s.add_argument("--fast", choices=["eager", "compile", "cudagraph", "compile-cudagraph"], default=None,
                    help="greedy generation on the static decode step (impl.fast_decode; needs --greedy)")
+    s.add_argument("--linear", choices=["aten", "onednn"], default="aten",
+                   help="talker matmul kernel: aten (upstream's, bit-exact) or onednn (CPU float32: faster decode, "
+                        "equal to rounding only)")
     return p
 
 
@@ -129,7 +132,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     t0 = time.time()
     tts = Qwen3TTS.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                    codec_dtype=getattr(torch, DTYPES[args.codec_dtype]),
-                                   attn=args.attn, fast=args.fast)
+                                   attn=args.attn, fast=args.fast, linear=args.linear)
     _ = tts.codec  # load (and check) the codec now: a broken one must fail before the generation, not after it
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       repetition_penalty=args.repetition_penalty).items() if v is not None}

@@ -259,7 +259,7 @@ def measure_ours(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
     out: dict[str, Any] = {"batches": {}}
     with PeakMemory(device) as mem, torch.inference_mode():
-        tts = Qwen3TTS.from_pretrained(args.model, device=device, dtype=dtype, attn="sdpa")
+        tts = Qwen3TTS.from_pretrained(args.model, device=device, dtype=dtype, attn="sdpa", linear=args.linear)
         mode = tts.mode
         if mode == "voice_clone":
             raise ValueError(f"{args.model}: bench needs a CustomVoice or VoiceDesign checkpoint (a Base checkpoint "
@@ -373,7 +373,7 @@ def build_runs(args, device: torch.device, preset: str, ours: dict, up: dict | N
             o["floor_ms_per_frame"] = _round(floor_s * 1e3, 2)
             o["x_read_floor"] = _round(per_frame / floor_s, 3)
         run: dict[str, Any] = {"device": device.type, "dtype": args.dtype_name, "preset": preset, "batch": b,
-                               "frames": args.frames, "fast_mode": fast_mode, "ours": o}
+                               "frames": args.frames, "fast_mode": fast_mode, "linear": args.linear, "ours": o}
         if "profile" in r:
             o["profile"] = r["profile"]
         for c, ms in (r.get("first_audio_ms_eager_stream") or {}).items():
@@ -413,14 +413,15 @@ def write_json(path: Path, prov: dict[str, Any], runs: list[dict[str, Any]]) -> 
             raise ValueError(f"{path}: not a bench JSON ({e}); move it away or pass another --json") from e
 
     def key(r: dict[str, Any]) -> tuple:
-        return (r.get("device"), r.get("dtype"), r.get("preset"), r.get("batch"), r.get("frames"), r.get("fast_mode"))
+        return (r.get("device"), r.get("dtype"), r.get("preset"), r.get("batch"), r.get("frames"), r.get("fast_mode"),
+                r.get("linear", "aten"))
 
     for r in runs:
         r["provenance"] = prov
     new_keys = {key(r) for r in runs}
     merged = [r for r in old if key(r) not in new_keys] + runs
     merged.sort(key=lambda r: (str(r.get("dtype")), int(r.get("batch", 0)), int(r.get("frames", 0)),
-                               str(r.get("fast_mode"))))
+                               str(r.get("fast_mode")), str(r.get("linear", "aten"))))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"provenance": prov, "runs": merged}, indent=1) + "\n")
@@ -434,7 +435,8 @@ def print_table(prov: dict[str, Any], runs: list[dict[str, Any]]) -> None:
           f"read bandwidth {prov['read_bandwidth_gbs']} GB/s")
     for r in runs:
         o, u = r["ours"], r.get("upstream")
-        line = (f"  {r['preset']} batch {r['batch']:>2} {r['frames']} frames: ours ({r['fast_mode']}) "
+        line = (f"  {r['preset']} batch {r['batch']:>2} {r['frames']} frames: ours ({r['fast_mode']}, "
+                f"linear {r.get('linear', 'aten')}) "
                 f"{o['frames_per_s']:.2f} frames/s "
                 f"(RTF {o['rtf']:.3f}, peak {o['peak_mem_gb']:.2f} GB)")
         if "ours_eager_loop" in r:
@@ -497,6 +499,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="batch 1: also profile one run of each of our paths (operator calls, host ms, top ops per frame)")
     p.add_argument("--no-upstream", action="store_true", help="time ours only")
     p.add_argument("--no-eager", action="store_true", help="skip our eager loop (static step only)")
+    p.add_argument("--linear", choices=["aten", "onednn"], default="aten",
+                   help="our talker's matmul kernel (impl.layers.Linear): aten (upstream's) or onednn (CPU float32)")
     return p
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import CodePredictorConfig
-from .layers import KVCache, RMSNorm, RotaryEmbedding, qwen3_layers
+from .layers import KVCache, Linear, RMSNorm, RotaryEmbedding, qwen3_layers
 from .taps import tap
 
 
@@ -86,9 +86,9 @@ class CodePredictor(nn.Module):
         self.cfg = cfg
         self.model = CodePredictorModel(cfg, talker_hidden)
         self.lm_head = nn.ModuleList(
-            [nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) for _ in range(cfg.num_code_groups - 1)])
+            [Linear(cfg.hidden_size, cfg.vocab_size, bias=False) for _ in range(cfg.num_code_groups - 1)])
         if cfg.hidden_size != talker_hidden:
-            self.small_to_mtp_projection: nn.Module = nn.Linear(talker_hidden, cfg.hidden_size, bias=True)
+            self.small_to_mtp_projection: nn.Module = Linear(talker_hidden, cfg.hidden_size, bias=True)
         else:
             self.small_to_mtp_projection = nn.Identity()
 

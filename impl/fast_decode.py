@@ -33,7 +33,7 @@ import torch
 
 from .generate import GenerationResult, GenerationSettings, NonFiniteError
 from .kv_cache import StaticKVCache
-from .layers import causal_mask, get_attention
+from .layers import causal_mask, get_attention, get_linear_kernel
 from .prompt import BatchPrompt
 from .sampling import NEG_INF, PredictorChooser, margin, suppress, suppress_mask
 from .talker import Talker, rope_positions
@@ -295,14 +295,14 @@ def clear_decoders() -> None:
 def decoder_for(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings, mode: str = "eager",
                 batch_bucket: int | None = None) -> StaticDecoder:
     """A decoder for this prompt's bucket, reused across calls (so a compiled step or a captured graph is built
-    once per (talker, its attention setting, batch bucket, capacity bucket, dtype, mode, settings))."""
+    once per (talker, its attention and linear-kernel settings, batch bucket, capacity bucket, dtype, mode, settings))."""
     b, L, _ = prompt.embeds.shape
     if batch_bucket is None and "cudagraph" in mode:
         batch_bucket = next((x for x in BATCH_BUCKETS if x >= b), b)
     B = max(batch_bucket or b, b)
     S = round_capacity(L + settings.max_new_tokens)
-    key = (id(talker), B, S, prompt.embeds.device, prompt.embeds.dtype, get_attention(talker), mode,
-           settings.talker.repetition_penalty, settings.talker.min_new_tokens)
+    key = (id(talker), B, S, prompt.embeds.device, prompt.embeds.dtype, get_attention(talker),
+           get_linear_kernel(talker), mode, settings.talker.repetition_penalty, settings.talker.min_new_tokens)
     dec = _DECODERS.pop(key, None)
     if dec is None or dec.talker is not talker:
         while len(_DECODERS) >= MAX_DECODERS:

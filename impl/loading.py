@@ -99,19 +99,61 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-def _read_tensors(f: Path, prefix: str):
-    """Yield (key, tensor) of one safetensors file for keys starting with ``prefix``, each read with a plain
-    ``readinto`` into its own CPU tensor (process memory, one tensor at a time).
+_CHECK_CHUNK = 1 << 24  # bytes: the bounded buffer a mapped tensor's values are checked through
 
-    Not ``safe_open(...).get_tensor``: since safetensors 0.6 that returns views of a private ``mmap`` of the whole
-    file, so every page the NaN check or the copy into the model touched stays resident (file-backed) while any
-    tensor of the file lives: loading held the checkpoint twice (mapped file + model copy; 7.4 GB peak for 3.6 GB
-    of 0.6B weights). A mapped parameter would also change (or SIGBUS) when the file is rewritten in place.
-    ``safe_open`` still validates the header first, so a truncated or foreign file raises its one line."""
+
+def _map_file(f: Path) -> torch.UntypedStorage:
+    """A private (copy-on-write) mapping of the whole file: pages are read when first touched, and a write to a
+    tensor on it (a test mutating a weight) copies that page without changing the file."""
+    return torch.UntypedStorage.from_file(str(f), shared=False, nbytes=f.stat().st_size)
+
+
+def _check_streamed(fh, offset: int, nbytes: int, dt: torch.dtype, mapped: torch.Tensor, key: str,
+                    where: Path) -> None:
+    """:func:`check_values` on a tensor's bytes read through one bounded buffer (``_CHECK_CHUNK``), so checking a
+    mapped tensor never makes its pages resident. The error path hands the mapped tensor to :func:`check_values`
+    for the exact message (NaN/Inf counts, the all-zero shape)."""
+    if not dt.is_floating_point or nbytes == 0:
+        return
+    item = torch.empty((), dtype=dt, device="cpu").element_size()
+    chunk = max(item, _CHECK_CHUNK // item * item)
+    buf = torch.empty(min(chunk, nbytes), dtype=torch.uint8, device="cpu")
+    fh.seek(offset)
+    done, finite, all_zero = 0, True, True
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        got = fh.readinto(buf[:n].numpy())
+        if got != n:
+            raise CheckpointError(f"{where}: key {key} is truncated ({done + got} of {nbytes} bytes)")
+        lo, hi = torch.aminmax(buf[:n].view(dt))
+        lo_f, hi_f = float(lo), float(hi)
+        finite = finite and math.isfinite(lo_f) and math.isfinite(hi_f)
+        all_zero = all_zero and lo_f == 0.0 and hi_f == 0.0
+        done += n
+    if not finite or (mapped.ndim >= 2 and all_zero):
+        check_values(mapped, key, where)  # raises, with the counts
+
+
+def _read_tensors(f: Path, prefix: str, map_dtypes: frozenset[torch.dtype] | None = None):
+    """Yield (key, tensor, checked) of one safetensors file for keys starting with ``prefix``.
+
+    A tensor whose stored dtype is in ``map_dtypes`` (and whose bytes sit at an offset aligned to its element
+    size, as the safetensors writer pads them) is a view of a private mapping of the file (:func:`_map_file`),
+    as upstream's loader (transformers) leaves its CPU weights: a page becomes resident only when the model first
+    reads it, so the rows of the 151k-entry text embedding a run never looks up cost no memory. Its values are
+    checked here, through a bounded buffer (``checked`` is True). Any other tensor is read with a plain
+    ``readinto`` into its own CPU tensor (process memory, one tensor at a time); the caller checks it.
+
+    Not ``safe_open(...).get_tensor``: its views of safetensors' own mapping made every page the NaN check or a
+    copy touched resident while any tensor of the file lived (loading held the checkpoint twice: 7.4 GB peak for
+    3.6 GB of 0.6B weights). ``safe_open`` still validates the header first, so a truncated or foreign file
+    raises its one line. A mapped weight reads what the file holds: rewriting the file in place while the model
+    lives changes it (a shorter file: SIGBUS), as with upstream; ``mmap=False`` at load opts out."""
     import struct
 
     with safe_open(str(f), framework="pt", device="cpu") as sf:
         keys = [k for k in sf.keys() if k.startswith(prefix)]
+    storage = None
     with open(f, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
@@ -122,34 +164,53 @@ def _read_tensors(f: Path, prefix: str):
             dt = _ST_DTYPES.get(info["dtype"])
             if dt is None:  # an exotic dtype (fp8 ...): let safetensors decode it, then own the memory
                 with safe_open(str(f), framework="pt", device="cpu") as sf:
-                    yield key, sf.get_tensor(key).clone()
+                    yield key, sf.get_tensor(key).clone(), False
                 continue
-            buf = torch.empty(end - start, dtype=torch.uint8)
+            item = torch.empty((), dtype=dt, device="cpu").element_size()
+            if map_dtypes is not None and dt in map_dtypes and end > start and (base + start) % item == 0:
+                if storage is None:
+                    storage = _map_file(f)
+                if base + end > storage.nbytes():
+                    raise CheckpointError(f"{f}: key {key} is truncated ({storage.nbytes() - base - start} of "
+                                          f"{end - start} bytes)")
+                mapped = torch.empty(0, dtype=torch.uint8, device="cpu").set_(storage, base + start, (end - start,))
+                mapped = mapped.view(dt).reshape(info["shape"])
+                _check_streamed(fh, base + start, end - start, dt, mapped, key, f)
+                yield key, mapped, True
+                continue
+            buf = torch.empty(end - start, dtype=torch.uint8, device="cpu")
             fh.seek(base + start)
             got = fh.readinto(buf.numpy()) if end > start else 0
             if got != end - start:
                 raise CheckpointError(f"{f}: key {key} is truncated ({got} of {end - start} bytes)")
-            yield key, buf.view(dt).reshape(info["shape"])
+            yield key, buf.view(dt).reshape(info["shape"]), False
 
 
 def read_state_dict(folder: str | Path, prefix: str = "", device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype | None = None, mmap: bool = True) -> dict[str, torch.Tensor]:
     """All tensors whose key starts with ``prefix`` (prefix stripped), mapped through ``KEY_MAP``.
 
-    Each tensor is read into process memory, moved to ``device``, checked (:func:`check_values`), then cast to
-    ``dtype`` when given (floating tensors only; integer buffers keep theirs), one at a time: the transient is one
-    tensor, never a second copy of the checkpoint.
+    Each tensor is checked (:func:`check_values`: NaN/Inf, all-zero matrices) and cast to ``dtype`` when given
+    (floating tensors only; integer buffers keep theirs), one at a time: the transient is one tensor, never a
+    second copy of the checkpoint. With ``mmap`` (the default) on the CPU, a tensor the cast leaves unchanged is a
+    view of a private mapping of the file (see :func:`_read_tensors`); otherwise, and on any other device, it is
+    read into process memory and moved to ``device``.
     """
     folder = Path(folder)
     device = torch.device(device)
+    map_dtypes = None
+    if mmap and device.type == "cpu":
+        map_dtypes = frozenset(_ST_DTYPES.values()) if dtype is None else frozenset(
+            {dtype, *(d for d in _ST_DTYPES.values() if not d.is_floating_point)})
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(folder):
         if not f.exists():
             raise CheckpointError(f"{f}: weight shard named by the index is missing")
         try:
-            for key, t in _read_tensors(f, prefix):
-                t = t.to(device)  # the check runs where the tensor will live (fast on a GPU)
-                check_values(t, key, f)
+            for key, t, checked in _read_tensors(f, prefix, map_dtypes):
+                if not checked:
+                    t = t.to(device)  # the check runs where the tensor will live (fast on a GPU)
+                    check_values(t, key, f)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 out[map_key(key[len(prefix):])] = t
@@ -214,14 +275,15 @@ def finish_loaded(module: nn.Module, device: str | torch.device, where: str) -> 
 
 
 def load_module(factory: Callable[[], nn.Module], folder: str | Path, prefix: str, device: str | torch.device,
-                dtype: torch.dtype, where: str | None = None) -> nn.Module:
+                dtype: torch.dtype, where: str | None = None, mmap: bool = True) -> nn.Module:
     """The one loader recipe (talker, speaker encoder, codec): build on ``meta`` -> read the checkpoint's
     ``prefix`` tensors (checked: NaN/Inf, all-zero matrices) on ``device`` in ``dtype`` -> strict
     :func:`load_into` (names, shapes, integer-for-float; one-line errors naming file and key) taking those tensors
-    as the parameters -> :func:`finish_loaded`. Peak memory: the weights once, plus one tensor in flight."""
+    as the parameters -> :func:`finish_loaded`. Peak memory: the weights once, plus one tensor in flight; with
+    ``mmap`` on the CPU in the file's dtype, only the pages the model reads (see :func:`read_state_dict`)."""
     module = build_on_meta(factory)
     where = where or str(weight_files(Path(folder))[0])
-    state = read_state_dict(folder, prefix=prefix, device=device, dtype=dtype)
+    state = read_state_dict(folder, prefix=prefix, device=device, dtype=dtype, mmap=mmap)
     load_into(module, state, where, prefix=prefix)
     del state
     return finish_loaded(module, device, where)

@@ -39,7 +39,7 @@ from .generate import (
     default_frame_budget,
     generate,
 )
-from .layers import check_attn_impl, get_attention, set_attention
+from .layers import check_attn_impl, check_linear_kernel, get_attention, set_attention, set_linear_kernel
 from .loading import CheckpointError, load_module, weight_files
 from .prompt import (
     PromptError,
@@ -187,12 +187,18 @@ class Qwen3TTS:
         self.codec_dtype = torch.float32
         self._speaker_encoder = None
         self.fast: str | None = None  # from_pretrained(fast=...): greedy generate_codes on impl.fast_decode
+        self.mmap = True  # from_pretrained(mmap=...): also how the codec and speaker encoder load on first use
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         attn: str = "sdpa", codec_dtype: torch.dtype = torch.float32,
-                        fast: str | None = None) -> Qwen3TTS:
-        """Load a checkpoint folder (never downloads). ``fast``: None (the eager loop, every parity row's path) or a
+                        fast: str | None = None, mmap: bool = True, linear: str = "aten") -> Qwen3TTS:
+        """Load a checkpoint folder (never downloads). ``mmap`` (default on): on the CPU, weights stored in
+        ``dtype`` are used from a private mapping of the safetensors file, as upstream's loader does, so pages the
+        model never reads (most rows of the text embedding) cost no memory; rewriting the files in place while the
+        model lives then changes (or, shorter, crashes) it. ``mmap=False`` reads every weight into process memory.
+        ``linear``: the talker's matmul kernel (:class:`impl.layers.Linear`): ``"aten"`` (upstream's, bit-exact)
+        or ``"onednn"`` (CPU float32: faster one-row products, equal to rounding only). ``fast``: None (the eager loop, every parity row's path) or a
         mode of :mod:`impl.fast_decode` (``"eager"``, ``"compile"``, ``"cudagraph"``, ``"compile-cudagraph"``;
         the CUDA-graph modes need a CUDA device): :meth:`generate_codes` / :meth:`synthesize` then run greedy
         generation on the static decode step (same codes as the eager loop, exactly in fp32). The fast path is
@@ -204,6 +210,7 @@ class Qwen3TTS:
         if fast is not None and fast not in FAST_MODES:
             raise ValueError(f"fast={fast!r} is not one of {FAST_MODES} (or None for the eager loop)")
         check_attn_impl(attn)
+        check_linear_kernel(linear)
 
         folder = Path(path)
         if not folder.is_dir():
@@ -224,14 +231,16 @@ class Qwen3TTS:
         _check_top_level_keys(folder)
         # Built on meta, the checkpoint's tensors become the parameters: the weights once in memory.
         talker = load_module(lambda: Talker(cfg.talker_config), folder, "talker.", device, dtype,
-                             where=str(folder / "model.safetensors"))
+                             where=str(folder / "model.safetensors"), mmap=mmap)
         gen_cfg = read_generation_config(folder / "generation_config.json")
         set_attention(talker, attn)  # the one choice of attention kernel; the codec gets the same on first use
+        set_linear_kernel(talker, linear)  # raises for onednn off the CPU / off float32
         tts = cls(folder, cfg, talker, TextTokenizer.from_dir(folder), gen_cfg, device, dtype)
         # The codec stays fp32 by default whatever ``dtype`` is: upstream's codec overflows to NaN in bf16
         # (SnakeBeta's exp); bf16 remains selectable for measurement.
         tts.codec_dtype = codec_dtype
         tts.fast = fast
+        tts.mmap = mmap
         return tts
 
     @property
@@ -250,7 +259,7 @@ class Qwen3TTS:
             from .codec import SpeechTokenizer
 
             self._codec = SpeechTokenizer.from_dir(self.folder, device=self.device, dtype=self.codec_dtype,
-                                                   attn=self.attn)
+                                                   attn=self.attn, mmap=self.mmap)
         return self._codec
 
     @property
@@ -263,7 +272,8 @@ class Qwen3TTS:
             if se_cfg is None:
                 raise PromptError(f"a {self.config.tts_model_type!r} checkpoint has no speaker encoder")
             self._speaker_encoder = load_module(lambda: SpeakerEncoder(se_cfg), self.folder, "speaker_encoder.",
-                                                self.device, self.dtype, where=str(self.folder / "model.safetensors"))
+                                                self.device, self.dtype, where=str(self.folder / "model.safetensors"),
+                                                mmap=self.mmap)
         return self._speaker_encoder
 
     @property

@@ -25,7 +25,7 @@ from torch import nn
 
 from .code_predictor import CodePredictor
 from .config import TalkerConfig
-from .layers import KVCache, RMSNorm, RotaryEmbedding, merge_mrope, qwen3_layers
+from .layers import KVCache, Linear, RMSNorm, RotaryEmbedding, merge_mrope, qwen3_layers
 from .taps import tap
 
 
@@ -39,8 +39,8 @@ class TextProjection(nn.Module):
 
     def __init__(self, text_hidden: int, hidden: int):
         super().__init__()
-        self.linear_fc1 = nn.Linear(text_hidden, text_hidden, bias=True)
-        self.linear_fc2 = nn.Linear(text_hidden, hidden, bias=True)
+        self.linear_fc1 = Linear(text_hidden, text_hidden, bias=True)
+        self.linear_fc2 = Linear(text_hidden, hidden, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(F.silu(self.linear_fc1(x)))
@@ -133,7 +133,7 @@ class Talker(nn.Module):
         self.cfg = cfg
         self.model = TalkerModel(cfg)
         self.text_projection = TextProjection(cfg.text_hidden_size, cfg.hidden_size)
-        self.codec_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.codec_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.code_predictor = CodePredictor(cfg.code_predictor_config, cfg.hidden_size)
 
     # -- embeddings ------------------------------------------------------------------------------------------

@@ -57,8 +57,6 @@ ALLOWED = {
     ("model.py", "_check_xvector", "as_tensor"):
         "user input (list/array/tensor) normalised on the host for checking; moved to the model device by the "
         "caller (_voice_clone_requests)",
-    ("loading.py", "_read_tensors", "empty"):
-        "checkpoint bytes are read into a host buffer; read_state_dict moves each tensor to the target device",
     ("model.py", "Qwen3TTS.encode_reference", "from_numpy"):
         "the host-side reference wav, moved to the codec's device and dtype before the encoder",
     ("codec/__init__.py", "SpeechTokenizer._pad", "as_tensor"):

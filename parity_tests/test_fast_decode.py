@@ -25,6 +25,7 @@ from impl.fast_decode import (
 )
 from impl.generate import GenerationSettings, generate
 from impl.kv_cache import KVCache, StaticKVCache
+from impl.layers import SwiGLU, get_linear_kernel, onednn_available, set_linear_kernel
 from impl.prompt import build
 
 from .helpers import load_model  # shared helpers live in helpers.py; test files never import each other
@@ -229,4 +230,41 @@ def test_api_fast_equals_eager_api(checkpoint_dir):
         Qwen3TTS.from_pretrained(ckpt, fast="turbo")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Qwen3TTS.from_pretrained(ckpt, device="cpu", fast="cudagraph")
+    clear_decoders()
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN (torch.backends.mkldnn)")
+def test_onednn_linear_kernel_is_used_and_agrees_to_rounding():
+    """``linear_kernel="onednn"`` really runs oneDNN's op (seen by the profiler) and agrees with ``F.linear`` to
+    fp32 rounding; a CUDA or bf16 model refuses it in one line."""
+    torch.manual_seed(0)
+    m = SwiGLU(64, 192)
+    x = torch.randn(3, 1, 64)
+    ref = m(x)
+    set_linear_kernel(m, "onednn")
+    assert get_linear_kernel(m) == "onednn"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = m(x)
+    assert any("_linear_pointwise" in e.name for e in prof.events()), "the onednn kernel did not run"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # fp32 rounding of a 192-term sum, not a bug's size
+    with pytest.raises(ValueError, match="is a CPU float32 kernel; this model is torch.bfloat16 on cpu"):
+        set_linear_kernel(SwiGLU(8, 16).to(torch.bfloat16), "onednn")
+    with pytest.raises(ValueError, match=r"linear='mkl' is not one of \('aten', 'onednn'\)"):
+        set_linear_kernel(m, "mkl")
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN (torch.backends.mkldnn)")
+def test_onednn_linear_fast_equals_eager_and_compiles(checkpoint_dir):
+    """With ``from_pretrained(linear="onednn")`` the static step and the eager loop run the same kernels, so their
+    greedy codes stay exactly equal; the step still traces whole (the kernel is an opaque custom op to Dynamo)."""
+    from torch._dynamo.utils import counters
+
+    from impl import Qwen3TTS
+
+    tts = Qwen3TTS.from_pretrained(checkpoint_dir("custom_voice"), linear="onednn")
+    assert get_linear_kernel(tts.talker) == "onednn"
+    counters.clear()
+    fast, eager = _compiled_run(tts, "aot_eager")
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    _assert_same(fast, eager, "linear='onednn', torch.compile(fullgraph=True, backend='aot_eager')")
     clear_decoders()

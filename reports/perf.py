@@ -42,7 +42,8 @@ def _row(r: dict[str, Any]) -> list[str]:
     eager = r.get("ours_eager_loop") or {}
     fa = [o.get(f"first_audio_ms_chunk{c}") for c in (1, 8)]
     fa = "n/a" if all(x is None for x in fa) else " / ".join(_fmt(x, 0) for x in fa)
-    return [r["dtype"], str(r["batch"]), str(r["frames"]), str(r.get("fast_mode", "?")), _fmt(o["frames_per_s"]), _fmt(eager.get("frames_per_s")),
+    step = str(r.get("fast_mode", "?")) + ("" if r.get("linear", "aten") == "aten" else f", linear {r['linear']}")
+    return [r["dtype"], str(r["batch"]), str(r["frames"]), step, _fmt(o["frames_per_s"]), _fmt(eager.get("frames_per_s")),
             _fmt(u.get("frames_per_s")), _fmt(ratios.get("frames_per_s_ours_over_upstream")) + "×" if ratios else "n/a",
             _fmt(o.get("rtf"), 3), fa, f"{_fmt(o.get('peak_mem_gb'))} / {_fmt(u.get('peak_mem_gb'))}"
             + (" (profiler included)" if "profiler included" in str(o.get("peak_mem_note", "")) else ""),

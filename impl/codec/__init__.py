@@ -65,7 +65,7 @@ class SpeechTokenizer(nn.Module):
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 attn: str = "sdpa", encoder: bool = True) -> SpeechTokenizer:
+                 attn: str = "sdpa", encoder: bool = True, mmap: bool = True) -> SpeechTokenizer:
         """Load ``<path>/speech_tokenizer/`` (or ``<path>`` itself if it holds the codec's ``config.json``).
 
         Strict: every ``decoder.*`` key must match, and so must every ``encoder.*`` key when an encoder module
@@ -73,6 +73,7 @@ class SpeechTokenizer(nn.Module):
         Runs fp32 by default (upstream's codec config says float32); ``dtype=torch.bfloat16`` is selectable.
         ``encoder=False`` builds the decoder only (``encoder.*`` keys are then skipped, as without a module).
         ``attn`` (``"eager"`` | ``"sdpa"``) is set once on decoder and encoder (:func:`impl.layers.set_attention`).
+        ``mmap``: as :meth:`impl.Qwen3TTS.from_pretrained` (CPU weights in ``dtype`` from a private file mapping).
         """
         check_attn_impl(attn)
         folder = Path(path)
@@ -83,7 +84,7 @@ class SpeechTokenizer(nn.Module):
         # names its part: built on meta, the checkpoint's tensors (on device, in dtype) become the parameters.
         model = build_on_meta(lambda: cls(cfg, with_encoder=encoder))
         where = str(weight_files(folder)[0])
-        state = read_state_dict(folder, device=device, dtype=dtype)
+        state = read_state_dict(folder, device=device, dtype=dtype, mmap=mmap)
         stray = sorted(k for k in state if not k.startswith(("decoder.", "encoder.")))
         if stray:
             raise CheckpointError(f"{where}: unexpected key(s) {stray[:5]} (neither decoder.* nor encoder.*)")

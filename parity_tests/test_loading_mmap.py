@@ -1,0 +1,110 @@
+"""Mapped CPU weights (``impl.loading``, ``mmap=True``, the default): a weight stored in the dtype it is loaded in
+is a view of a private mapping of the safetensors file, as upstream's loader leaves it, so the pages a run never
+reads (most of the 151k-row text embedding) stay out of memory. These tests pin what that must not change: the
+values, the checks on them (NaN/Inf, all-zero matrices, now read through a bounded buffer), the file (a write to a
+weight copies the page) and the cases that cannot be mapped (a cast at load, an unaligned offset)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import impl.loading as loading
+from impl import Qwen3TTS
+from impl.loading import CheckpointError, read_state_dict
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps (Linux)")
+
+
+def _mapped(t: torch.Tensor, path: Path) -> bool:
+    """Whether ``t``'s storage lies in a mapping of ``path`` (``/proc/self/maps``)."""
+    ptr = t.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path.resolve())):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+def test_cpu_weights_are_mapped_and_equal_to_read_ones(checkpoint_dir):
+    ck = checkpoint_dir("custom_voice")
+    mapped = Qwen3TTS.from_pretrained(ck)
+    read = Qwen3TTS.from_pretrained(ck, mmap=False)
+    f, st = ck / "model.safetensors", ck / "speech_tokenizer" / "model.safetensors"
+    assert _mapped(mapped.talker.model.text_embedding.weight, f)
+    assert _mapped(mapped.talker.model.layers[0].self_attn.q_proj.weight, f)
+    assert _mapped(next(mapped.codec.decoder.parameters()), st)
+    assert not _mapped(read.talker.model.text_embedding.weight, f)
+    assert not _mapped(next(read.codec.decoder.parameters()), st)
+    a, b = mapped.talker.state_dict(), read.talker.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    a, b = mapped.codec.state_dict(), read.codec.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    x = mapped.generate_codes("Hello there.", speaker=mapped.speakers[0], greedy=True, max_new_frames=6).codes
+    y = read.generate_codes("Hello there.", speaker=read.speakers[0], greedy=True, max_new_frames=6).codes
+    assert len(x) == len(y) == 1 and torch.equal(x[0], y[0])
+
+
+def test_a_cast_at_load_is_not_mapped(checkpoint_dir):
+    ck = checkpoint_dir("custom_voice")
+    assert json.loads((ck / "config.json").read_text()).get("torch_dtype", "float32") != "bfloat16"
+    tts = Qwen3TTS.from_pretrained(ck, dtype=torch.bfloat16)
+    assert tts.talker.model.text_embedding.weight.dtype == torch.bfloat16
+    assert not _mapped(tts.talker.model.text_embedding.weight, ck / "model.safetensors")
+
+
+def test_a_write_to_a_mapped_weight_leaves_the_file_alone(tmp_path, checkpoint_dir):
+    shutil.copy(checkpoint_dir("custom_voice") / "model.safetensors", tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    state = read_state_dict(tmp_path, "talker.model.layers.0.")
+    w = state["self_attn.q_proj.weight"]
+    assert _mapped(w, tmp_path / "model.safetensors")
+    w.mul_(2.0)  # copy-on-write: this process's page only
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    again = read_state_dict(tmp_path, "talker.model.layers.0.", mmap=False)["self_attn.q_proj.weight"]
+    assert torch.equal(again * 2.0, w)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_checks_see_a_bad_value_past_the_first_chunk(tmp_path, monkeypatch, mmap):
+    """The mapped path checks through a bounded buffer: a NaN in a later chunk and an all-zero matrix spanning
+    many chunks raise the same one line as the read path."""
+    monkeypatch.setattr(loading, "_CHECK_CHUNK", 64)  # 16 floats per chunk: the bad value is in chunk 60+
+    w = torch.randn(40, 25)
+    w[-1, -1] = float("nan")
+    save_file({"m.weight": w}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: key m.weight holds non-finite values \(1 NaN, "
+                                              r"0 Inf of 1000\)"):
+        read_state_dict(tmp_path, mmap=mmap)
+    save_file({"m.weight": torch.zeros(40, 25), "m.bias": torch.zeros(40)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"key m.weight \(40, 25\) is all zeros"):
+        read_state_dict(tmp_path, mmap=mmap)
+    save_file({"m.bias": torch.zeros(40)}, str(tmp_path / "model.safetensors"))  # a zero vector is legitimate
+    assert torch.equal(read_state_dict(tmp_path, mmap=mmap)["m.bias"], torch.zeros(40))
+
+
+def test_an_unaligned_tensor_is_read_not_mapped(tmp_path):
+    """The format allows any byte offset; a float32 tensor at offset 3 cannot be a typed view of the mapping, so
+    it is read into process memory (same values)."""
+    b = torch.arange(1.0, 5.0).reshape(2, 2)
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [3, 19]}}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(struct.pack("<Q", len(h)) + h + bytes([7, 8, 9]) + b.numpy().tobytes())
+    state = read_state_dict(tmp_path)
+    assert torch.equal(state["b"], b) and state["a"].tolist() == [7, 8, 9]
+    assert not _mapped(state["b"], f)
+    assert _mapped(state["a"], f)  # a byte tensor is aligned anywhere

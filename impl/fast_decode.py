@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import torch
 
 from .generate import GenerationResult, GenerationSettings, NonFiniteError
-from .kv_cache import StaticKVCache
+from .kv_cache import KVCache, StaticKVCache
 from .layers import causal_mask, get_attention, get_linear_kernel
 from .prompt import BatchPrompt
 from .sampling import NEG_INF, PredictorChooser, margin, suppress, suppress_mask
@@ -71,9 +71,12 @@ class StaticDecoder:
         self.eos = tc.codec_eos_token_id
         self.device, self.dtype = device, dtype
         B, S, G, C = self.B, self.S, self.G, self.C
-        kv = talker.allocate_cache(B, S, device, dtype)
-        self.cache = StaticKVCache(kv.k, kv.v)
-        self.cp_cache = talker.code_predictor.allocate_cache(B, device, dtype)
+        self.cache = StaticKVCache.allocate(tc.num_hidden_layers, B, tc.num_key_value_heads, S, tc.head_dim, device,
+                                            dtype)
+        cp = talker.code_predictor.allocate_cache(B, device, dtype)
+        # Per-layer tensors of their own, as StaticKVCache's (a write into a view of one buffer compiles to a copy
+        # of the whole buffer); its capacity is its limit, so it never grows.
+        self.cp_cache = KVCache([x.clone() for x in cp.k], [x.clone() for x in cp.v], limit=cp.limit)
         self.key_valid = torch.ones(B, S, dtype=torch.bool, device=device)  # False on left padding
         self.key_index = torch.arange(S, device=device)  # (S,) key positions, also token slots
         self.deltas = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -234,7 +237,7 @@ class StaticDecoder:
                 x.copy_(s)
 
     def _state(self) -> list[torch.Tensor]:
-        return [self.cache.k, self.cache.v, self.cache.pos, self.past_hidden, self.tokens, self.frames,
+        return [*self.cache.k, *self.cache.v, self.cache.pos, self.past_hidden, self.tokens, self.frames,
                 self.margins0, self.margins_cp, self.hiddens, self.finished, self.nonfinite, self.n]
 
     def step(self) -> None:

@@ -22,7 +22,8 @@ import torch
 
 @dataclass
 class KVCache:
-    """Keys/values for every layer: k, v (layers, B, K, S, D); ``length`` positions filled.
+    """Keys/values for every layer: k, v (layers, B, K, S, D), or lists of per-layer (B, K, S, D) tensors (a
+    :meth:`StaticKVCache.eager_view`, never grown); ``length`` positions filled.
 
     Passed into ``forward`` and advanced explicitly by the owner (``advance(T)`` after all layers ran), so a
     prefill and a one-token step go through the same code. ``limit`` is the most positions it may hold: a cache
@@ -35,8 +36,8 @@ class KVCache:
     4
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | list[torch.Tensor]
+    v: torch.Tensor | list[torch.Tensor]
     length: int = 0
     limit: int | None = None  # None: fixed at the allocated capacity
 
@@ -51,7 +52,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def _grow(self, need: int) -> None:
         new = min(max(need, 2 * self.capacity), self.limit)
@@ -68,9 +69,9 @@ class KVCache:
             self._grow(end)
         if end > self.capacity:
             raise ValueError(f"KV cache full: {self.length} + {t} positions > capacity {self.capacity}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, t: int) -> None:
         self.length += t
@@ -80,18 +81,31 @@ class KVCache:
 
 
 class StaticKVCache:
-    """Keys/values of every talker layer, k, v (layers, B, K, S, D), with the fill position ``pos`` a (1,) int64
-    device tensor. Same interface as :class:`KVCache` (``update``, ``advance``), but ``update`` returns
-    the whole capacity: the caller masks the unfilled tail. Nothing here reads a value back to the host."""
+    """Keys/values of every talker layer, one (B, K, S, D) tensor per layer in the lists ``k`` and ``v``, with the
+    fill position ``pos`` a (1,) int64 device tensor. Same interface as :class:`KVCache` (``update``,
+    ``advance``), but ``update`` returns the whole capacity: the caller masks the unfilled tail. Nothing here
+    reads a value back to the host.
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-        self.pos = torch.zeros(1, dtype=torch.long, device=k.device)
-        self._offsets = torch.arange(k.shape[3], device=k.device)  # (S,) added to pos for a T-long write
+    One tensor per layer, not views of one (layers, B, K, S, D) buffer: under ``torch.compile`` a write into a
+    view of a graph input is functionalised into a scatter of the whole base, so every layer's write copied the
+    cache of all layers (28 copies of the whole talker cache per frame at 0.6B); a write into a tensor of its own
+    copies at most that layer's."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = list(k), list(v)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
+        self._offsets = torch.arange(self.capacity, device=self.k[0].device)  # (S,) added to pos for a T-long write
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype) -> StaticKVCache:
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)])
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, K, T, D) at positions ``pos .. pos+T-1``; return the full buffers (B, K, S, D)."""
@@ -104,7 +118,8 @@ class StaticKVCache:
         self.pos.add_(t)
 
     def eager_view(self) -> KVCache:
-        """A host-position :class:`KVCache` over the same buffers, empty: the prefill runs the eager code on it."""
+        """A host-position :class:`KVCache` over the same per-layer buffers, empty: the prefill runs the eager
+        code on it."""
         return KVCache(self.k, self.v, 0)
 
 

@@ -186,7 +186,7 @@ def test_static_cache_writes_like_kvcache():
     """A write at a device-tensor position lands where the host-position cache puts it."""
     g = torch.Generator().manual_seed(0)
     ref = KVCache.allocate(2, 2, 3, 10, 4, "cpu", torch.float32)
-    st = StaticKVCache(torch.zeros_like(ref.k), torch.zeros_like(ref.v))
+    st = StaticKVCache.allocate(2, 2, 3, 10, 4, "cpu", torch.float32)
     for T in (4, 1, 1):
         k, v = torch.randn(2, 3, T, 4, generator=g), torch.randn(2, 3, T, 4, generator=g)
         for layer in range(2):
@@ -197,7 +197,7 @@ def test_static_cache_writes_like_kvcache():
         ref.advance(T)
         st.advance(T)
         assert int(st.pos) == ref.length
-    assert torch.equal(st.k, ref.k) and torch.equal(st.v, ref.v)
+    assert torch.equal(torch.stack(st.k), ref.k) and torch.equal(torch.stack(st.v), ref.v)
 
 
 def test_fast_path_refuses_sampling(checkpoint_dir):

@@ -193,10 +193,11 @@ class Qwen3TTS:
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         attn: str = "sdpa", codec_dtype: torch.dtype = torch.float32,
                         fast: str | None = None, mmap: bool = True, linear: str = "aten") -> Qwen3TTS:
-        """Load a checkpoint folder (never downloads). ``mmap`` (default on): on the CPU, weights stored in
-        ``dtype`` are used from a private mapping of the safetensors file, as upstream's loader does, so pages the
-        model never reads (most rows of the text embedding) cost no memory; rewriting the files in place while the
-        model lives then changes (or, shorter, crashes) it. ``mmap=False`` reads every weight into process memory.
+        """Load a checkpoint folder (never downloads). ``mmap`` (default on): on the CPU, lookup tables stored in
+        ``dtype`` are used from a private mapping of the safetensors file (:func:`impl.loading.gathered_keys`), as
+        upstream's loader does, so rows the model never reads (most of the text embedding) cost no memory;
+        rewriting the files in place while the model lives then changes (or, shorter, crashes) it. ``mmap=False``
+        reads every weight into process memory.
         ``linear``: the talker's matmul kernel (:class:`impl.layers.Linear`): ``"aten"`` (upstream's, bit-exact)
         or ``"onednn"`` (CPU float32: faster one-row products, equal to rounding only). ``fast``: None (the eager loop, every parity row's path) or a
         mode of :mod:`impl.fast_decode` (``"eager"``, ``"compile"``, ``"cudagraph"``, ``"compile-cudagraph"``;

@@ -27,7 +27,15 @@ from torch import nn
 
 from ..config import SpeechTokenizerConfig
 from ..layers import check_attn_impl, set_attention
-from ..loading import CheckpointError, build_on_meta, finish_loaded, load_into, read_state_dict, weight_files
+from ..loading import (
+    CheckpointError,
+    build_on_meta,
+    finish_loaded,
+    gathered_keys,
+    load_into,
+    read_state_dict,
+    weight_files,
+)
 from ..taps import set_tap_paths
 from .decoder import CodecDecoder, DecoderState
 from .streaming import DecoderStream, split_frames
@@ -73,7 +81,7 @@ class SpeechTokenizer(nn.Module):
         Runs fp32 by default (upstream's codec config says float32); ``dtype=torch.bfloat16`` is selectable.
         ``encoder=False`` builds the decoder only (``encoder.*`` keys are then skipped, as without a module).
         ``attn`` (``"eager"`` | ``"sdpa"``) is set once on decoder and encoder (:func:`impl.layers.set_attention`).
-        ``mmap``: as :meth:`impl.Qwen3TTS.from_pretrained` (CPU weights in ``dtype`` from a private file mapping).
+        ``mmap``: as :meth:`impl.Qwen3TTS.from_pretrained` (CPU lookup tables from a private file mapping).
         """
         check_attn_impl(attn)
         folder = Path(path)
@@ -84,7 +92,8 @@ class SpeechTokenizer(nn.Module):
         # names its part: built on meta, the checkpoint's tensors (on device, in dtype) become the parameters.
         model = build_on_meta(lambda: cls(cfg, with_encoder=encoder))
         where = str(weight_files(folder)[0])
-        state = read_state_dict(folder, device=device, dtype=dtype, mmap=mmap)
+        state = read_state_dict(folder, device=device, dtype=dtype,
+                                mmap=gathered_keys(model).__contains__ if mmap else False)
         stray = sorted(k for k in state if not k.startswith(("decoder.", "encoder.")))
         if stray:
             raise CheckpointError(f"{where}: unexpected key(s) {stray[:5]} (neither decoder.* nor encoder.*)")

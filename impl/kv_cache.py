@@ -87,9 +87,9 @@ class StaticKVCache:
     reads a value back to the host.
 
     One tensor per layer, not views of one (layers, B, K, S, D) buffer: under ``torch.compile`` a write into a
-    view of a graph input is functionalised into a scatter of the whole base, so every layer's write copied the
-    cache of all layers (28 copies of the whole talker cache per frame at 0.6B); a write into a tensor of its own
-    copies at most that layer's."""
+    view of a graph input is functionalised against the whole base, which can copy every layer's cache on each
+    layer's write; a write into a tensor of its own copies at most that layer's. Measured on the 0.6B CPU bench:
+    the compiled graph's own kernels went from 81 to 47-60 ms per frame."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
         self.k, self.v = list(k), list(v)

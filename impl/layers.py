@@ -117,7 +117,7 @@ def onednn_available() -> bool:
 
 @torch.library.custom_op("qwen3tts_impl::onednn_linear", mutates_args=())
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # An opaque op under torch.compile: inductor's own lowering of _linear_pointwise expects a prepacked weight.
+    # An opaque op under torch.compile: inductor's own lowering of _linear_pointwise raised on a plain weight.
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

@@ -6,9 +6,16 @@ skip with a reason), ``--device cpu|cuda``, ``--dtype float32|bfloat16``, ``--at
 (use pre-captured reference files ``DIR/<case>--<variant>.h5`` instead of capturing; a missing one fails),
 ``--tf32 off|on`` (CUDA only; default off), ``--results PATH`` (default: ``results_path(device, dtype)``).
 
+Across processes (README "Running the matrix"): ``-n 2`` (pytest-xdist, whole modules per worker) writes the same
+results file as a serial run (each test's rows and bad-input cases travel to the controller on the test's own
+report, and are put back in collection order); ``--splits N --group i [--durations-path FILE]`` runs one shard of
+whole modules, balanced on the committed ``parity_tests/durations.json``; its results file (default
+``reports/shards/…-shard<i>of<N>.json``) carries its own provenance and shard number, for ``python -m reports merge``.
+
 Built artefacts live under ``$QWEN3TTS_CACHE`` (default ``.cache/`` in the repo), keyed by everything that
 decides their content (preset, variant, seed and the synth code's hash for checkpoints; the checkpoint hash,
-case, dtype, attention and the capture code's hash for references), so a stale artefact is never reused.
+case, dtype, attention and ``capture_key()`` for references: the capture code with its recorder, the torch /
+transformers / qwen-tts versions, the seed and the TF32 setting), so a stale artefact is never reused.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ import torch
 ROOT = Path(__file__).parent
 CACHE = Path(os.environ.get("QWEN3TTS_CACHE", ROOT / ".cache"))
 SEED = 0
+# Per-test seconds (setup + call + teardown) that --splits balances shards on; refreshed from a results file with
+# `python -m reports durations reports/results.json` (README "Running the matrix").
+DURATIONS = ROOT / "parity_tests" / "durations.json"
 
 
 def results_path(device: str, dtype: str, root: Path = ROOT) -> Path:
@@ -49,7 +59,23 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns an unset --dist into "load"
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """``-n N`` without ``--dist`` distributes whole modules (``loadscope``), not single tests: a module's scoped
+    fixtures (a loaded model, one generation run) are built once, and a row test that reads what an earlier test of
+    its module measured (test_sampling's hypothesis row) runs in the same process, as in a serial run."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no" \
+            and not getattr(config.option, "distload", False):
+        config.option.dist = "loadscope"
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    s = shard_of(config)
+    splits, group = config.getoption("--splits"), config.getoption("--group")
+    if (splits is None) != (group is None):
+        raise pytest.UsageError("--splits N and --group i go together (run shard i of N)")
+    if s is not None and not (s["splits"] >= 1 and 1 <= s["group"] <= s["splits"]):
+        raise pytest.UsageError(f"--splits {splits} --group {group}: need N >= 1 and 1 <= i <= N")
     if str(config.getoption("--device")).startswith("cuda"):
         set_tf32(config.getoption("--tf32") == "on")
     # Tiny models are dispatch-bound: one intra-op thread is faster than two (measured 4-15x on a busy 2-core
@@ -72,6 +98,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--results", default=None,
                 help="where to write the results (default reports/results.json for CPU fp32, "
                      "reports/results-<device>[-<dtype>].json otherwise)")
+    g.addoption("--splits", type=int, default=None, metavar="N", help="run one of N shards (with --group i)")
+    g.addoption("--group", type=int, default=None, metavar="I", help="which shard of --splits N to run (1..N)")
+    g.addoption("--durations-path", default=str(DURATIONS), metavar="FILE",
+                help="per-test seconds that shards are balanced on (default parity_tests/durations.json)")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -117,7 +147,29 @@ def _src_hash(*rels: str) -> str:
 SYNTH_SOURCES = ("reference_export/synth.py", "reference_export/tokenizer_files.py", "reference_export/upstream.py",
                  "impl/config.py", "impl/presets")
 CAPTURE_SOURCES = ("reference_export/capture.py", "reference_export/cases", "reference_export/export.py",
-                   "reference_export/h5io.py", "reference_export/registry.py", "reference_export/upstream.py")
+                   "reference_export/h5io.py", "reference_export/registry.py", "reference_export/upstream.py",
+                   "reference_export/recorder.py")
+
+
+def capture_key_parts() -> dict[str, str]:
+    """Everything besides the checkpoint, case, device, dtypes and attention that changes a captured reference:
+    the capture code (its recorder included), the torch / transformers / qwen-tts versions that computed it, the
+    seed its inputs are drawn from, and the TF32 settings in force (matmul and cuDNN)."""
+    import importlib.metadata as md
+
+    parts = {"code": _src_hash(*CAPTURE_SOURCES), "torch": str(torch.__version__), "seed": str(SEED),
+             "tf32": f"{int(torch.backends.cuda.matmul.allow_tf32)}{int(torch.backends.cudnn.allow_tf32)}"}
+    for pkg in ("transformers", "qwen-tts"):
+        try:
+            parts[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            parts[pkg] = "absent"
+    return parts
+
+
+def capture_key() -> str:
+    """The last component of a cached reference's name: a hash of :func:`capture_key_parts`."""
+    return hashlib.sha256(json.dumps(capture_key_parts(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -173,7 +225,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Drop cached artefacts built by other versions of the synth/capture code (they can never be reused)."""
     import shutil
 
-    synth_h, cap_h = _src_hash(*SYNTH_SOURCES), _src_hash(*CAPTURE_SOURCES)
+    synth_h, cap_h = _src_hash(*SYNTH_SOURCES), capture_key()
     # Dot-prefixed entries are another process's writes in progress (temp dir/file, renamed when complete):
     # never touch them.
     for d in (CACHE / "ckpt").glob("[!.]*-s*-*"):
@@ -206,7 +258,7 @@ def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn
     case = get_case(case_name)
     use_attn = case.attn or attn
     dev_tag = device.replace(":", "")
-    key = f"{sha[:16]}-{case_name}-{dev_tag}-{dtype}-{codec_dtype}-{use_attn}-{_src_hash(*CAPTURE_SOURCES)}"
+    key = f"{sha[:16]}-{case_name}-{dev_tag}-{dtype}-{codec_dtype}-{use_attn}-{capture_key()}"
     out = CACHE / "refs" / f"{key}.h5"
     with _lock(key):
         if not out.exists():
@@ -249,9 +301,22 @@ def reference(request, checkpoint_dir):
 # ------------------------------------------------------------------------------------------ results
 
 
+# Markers whose tests the results list by node id, so a report can tell "the CUDA tests ran" from "they all skipped".
+LISTED_MARKERS = ("cuda",)
+# The attribute of a test's teardown report that carries what the test recorded (see ``Results``).
+PAYLOAD = "qwen3tts_recorded"
+
+
 class Results:
     """What the session recorded: typed comparison records (``reports.results.Record``), test outcomes, skip
-    reasons, bad-input cases, and the hash of the code the session started from."""
+    reasons, per-test durations, the tests carrying ``LISTED_MARKERS``, bad-input cases, and the hash of the code
+    the session started from.
+
+    One path for a serial run and for pytest-xdist: a test's records and bad-input cases are held as pending while
+    it runs, attached to its teardown report (``PAYLOAD``; pytest serialises a report's extra attributes, so xdist
+    carries them from the worker to the controller), and folded in by ``log`` wherever that report arrives. A
+    worker that crashes loses only the test it was running. ``ordered`` puts everything back in collection order,
+    so ``-n 2`` writes the serial run's file."""
 
     def __init__(self) -> None:
         from reports.results import code_hash
@@ -260,14 +325,18 @@ class Results:
         self.bad_input: list[dict] = []  # one entry per bad-input case (issue: bad input), rendered by reports
         self.outcomes: dict[str, str] = {}
         self.skipped: dict[str, str] = {}  # nodeid -> reason
-        self.durations: dict[str, float] = {}
+        self.durations: dict[str, float] = {}  # nodeid -> seconds, setup + call + teardown (what shards balance on)
+        self.marked: dict[str, list[str]] = {m: [] for m in LISTED_MARKERS}
+        self.order: list[str] = []  # node ids in collection order (serial: session.items; xdist: a worker's)
+        self._pending: dict[str, dict[str, list]] = {}  # nodeid -> what the running test recorded
         self.start = time.time()
         # Taken when the session starts: an edit during the run makes the results refuse to render.
         self.code_hash = code_hash(ROOT)
 
     def log(self, report: pytest.TestReport) -> None:
         """Fold one test phase's report into the outcomes: a skip, the call's outcome, or an error in setup or
-        teardown (the test errored: its row must not stay green)."""
+        teardown (the test errored: its row must not stay green); and what the test recorded, when the report
+        carries it."""
         nid = report.nodeid
         if report.skipped:
             self.outcomes[nid] = "skipped"
@@ -276,15 +345,53 @@ class Results:
             self.outcomes[nid] = report.outcome
         elif report.failed:
             self.outcomes[nid] = "error"
-        if report.when == "call" or report.failed:
-            self.durations[nid] = report.duration
+        self.durations[nid] = round(self.durations.get(nid, 0.0) + float(report.duration or 0.0), 4)
+        if report.when == "setup":
+            for m in LISTED_MARKERS:
+                if m in (report.keywords or {}) and nid not in self.marked[m]:
+                    self.marked[m].append(nid)
+        payload = getattr(report, PAYLOAD, None)
+        if payload:
+            self.fold(payload, nid)
+
+    def fold(self, payload: dict, nid: str = "") -> None:
+        from reports.results import Record
+
+        self.rows += [Record.from_json(r, f"test {nid}") for r in payload.get("rows", [])]
+        self.bad_input += list(payload.get("bad_input", []))
 
     def add(self, nodeid: str, result, row: str, component: str, variant: str = "", notes: str = "",
             preset: str = "", compares: str = "ours vs upstream", expect_fail: bool = False) -> None:
         from reports.results import Record
 
-        self.rows.append(Record(component=component, row=row, result=result, preset=preset, variant=variant,
-                                compares=compares, expect_fail=expect_fail, notes=notes, nodeid=nodeid))
+        rec = Record(component=component, row=row, result=result, preset=preset, variant=variant,
+                     compares=compares, expect_fail=expect_fail, notes=notes, nodeid=nodeid)
+        self._pending.setdefault(nodeid, {"rows": [], "bad_input": []})["rows"].append(rec.to_json())
+
+    def add_bad_input(self, nodeid: str, case: dict) -> None:
+        self._pending.setdefault(nodeid, {"rows": [], "bad_input": []})["bad_input"].append(case)
+
+    def take(self, nodeid: str) -> dict | None:
+        """What ``nodeid`` recorded (JSON), removed from pending: it travels on the test's teardown report."""
+        return self._pending.pop(nodeid, None)
+
+    def ordered(self) -> None:
+        """Rows, bad-input cases, outcomes, skips, durations and marker lists in collection order (a stable sort:
+        a test's own records keep the order it made them). Anything still pending (an interrupted test) is folded
+        in first."""
+        for nid in list(self._pending):
+            self.fold(self._pending.pop(nid), nid)
+        index = {nid: i for i, nid in enumerate(self.order)}
+
+        def pos(nid: str) -> int:
+            return index.get(nid, len(index))
+
+        self.rows.sort(key=lambda r: pos(r.nodeid))
+        self.bad_input.sort(key=lambda c: pos(str(c.get("nodeid", ""))))
+        for name in ("outcomes", "skipped", "durations"):
+            d = getattr(self, name)
+            setattr(self, name, {k: d[k] for k in sorted(d, key=pos)})
+        self.marked = {m: sorted(ids, key=pos) for m, ids in self.marked.items()}
 
 
 _RESULTS = Results()
@@ -315,21 +422,147 @@ def bad_input(request, tmp_path_factory):
     base = str(tmp_path_factory.getbasetemp())
 
     def add(case: str, outcome: str, message: str, surface: str = "") -> None:
-        _RESULTS.bad_input.append({"nodeid": request.node.nodeid, "surface": surface, "case": case,
-                                   "outcome": outcome, "message": message.replace(base, "<tmp>")})
+        _RESULTS.add_bad_input(request.node.nodeid, {"nodeid": request.node.nodeid, "surface": surface, "case": case,
+                                                     "outcome": outcome, "message": message.replace(base, "<tmp>")})
 
     return add
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
     lr = report.longrepr
-    if isinstance(lr, tuple) and len(lr) == 3:  # (file, line, "Skipped: reason")
+    if isinstance(lr, (tuple, list)) and len(lr) == 3:  # (file, line, "Skipped: reason"); a list after xdist
         return str(lr[2]).removeprefix("Skipped: ")
     return str(lr or "")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """The teardown report (the last of a test's three) carries what the test recorded: a serial run folds it in
+    ``pytest_runtest_logreport`` right here, an xdist controller when the worker's report arrives."""
+    report = yield
+    if call.when == "teardown":
+        payload = _RESULTS.take(item.nodeid)
+        if payload:
+            setattr(report, PAYLOAD, payload)
+    return report
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _RESULTS.log(report)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _RESULTS.order = [i.nodeid for i in session.items]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    """xdist controller: the workers' collection order (every worker collects the same list)."""
+    if not _RESULTS.order:
+        _RESULTS.order = list(ids)
+
+
+def _workers(config: pytest.Config) -> int:
+    n = getattr(config.option, "numprocesses", None)  # xdist resolves "auto" to a number before the session
+    try:
+        return int(n or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def shard_of(config: pytest.Config) -> dict | None:
+    """``{"group": i, "splits": N}`` when this run is one shard (``--splits N --group i``)."""
+    splits, group = getattr(config.option, "splits", None), getattr(config.option, "group", None)
+    return {"group": int(group), "splits": int(splits)} if splits and group else None
+
+
+def plan_shards(weights: list[float], splits: int) -> list[int]:
+    """The shard (0-based) of each module, given the modules' seconds in collection order: contiguous runs of whole
+    modules, cut where the heaviest shard is lightest (exact, by dynamic programming; ties keep cuts early), no
+    shard empty unless there are fewer modules than shards. Contiguous, so shards merged in order are the serial
+    run's order; whole modules, so module fixtures are built once and tests that share module state stay together.
+
+    >>> plan_shards([5, 1, 1, 1, 4], 2)
+    [0, 0, 1, 1, 1]
+    """
+    n = len(weights)
+    k_max = min(splits, n)
+    if k_max <= 1:
+        return [0] * n
+    pre = [0.0]
+    for w in weights:
+        pre.append(pre[-1] + w)
+    inf = float("inf")
+    # best[k][j]: the lightest possible heaviest shard when the first j modules make k shards; cut[k][j]: where the
+    # last of those shards starts.
+    best = [[inf] * (n + 1) for _ in range(k_max + 1)]
+    cut = [[0] * (n + 1) for _ in range(k_max + 1)]
+    best[0][0] = 0.0
+    for k in range(1, k_max + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], pre[j] - pre[i])
+                if v < best[k][j] - 1e-12:
+                    best[k][j], cut[k][j] = v, i
+    out = [0] * n
+    j = n
+    for k in range(k_max, 0, -1):
+        i = cut[k][j]
+        out[i:j] = [k - 1] * (j - i)
+        j = i
+    return out
+
+
+def _durations(path: str) -> dict[str, float]:
+    """The durations file; a missing one balances on test counts (the shard's line says so), a malformed one is a
+    usage error."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise pytest.UsageError(f"--durations-path {path}: not a durations file ({e})") from None
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) for v in d.values()):
+        raise pytest.UsageError(f"--durations-path {path}: not a durations file (expected an object of node id -> "
+                                f"seconds)")
+    return {str(k): float(v) for k, v in d.items()}
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: balance what will actually run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--splits N --group i``: keep shard i's modules (``plan_shards`` over the committed per-test durations; a
+    test the file does not know counts the mean of those it knows). Every process computes the same plan from the
+    same collection, so xdist workers inside a shard agree."""
+    s = shard_of(config)
+    if s is None:
+        return
+    durations = _durations(config.getoption("--durations-path"))
+    default = sum(durations.values()) / len(durations) if durations else 1.0
+    modules: dict[str, float] = {}
+    for it in items:
+        m = it.nodeid.split("::")[0]
+        modules[m] = modules.get(m, 0.0) + durations.get(it.nodeid, default)
+    plan = dict(zip(modules, plan_shards(list(modules.values()), s["splits"])))
+    keep = [it for it in items if plan[it.nodeid.split("::")[0]] == s["group"] - 1]
+    dropped = [it for it in items if plan[it.nodeid.split("::")[0]] != s["group"] - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
+    if getattr(config, "workerinput", None) is None:  # said once, by the process that reports
+        est = sum(w for m, w in modules.items() if plan[m] == s["group"] - 1)
+        config.get_terminal_writer().line(
+            f"shard {s['group']}/{s['splits']}: {len(keep)} tests in "
+            f"{sum(1 for m in plan.values() if m == s['group'] - 1)} modules, about {est:.0f} s by "
+            f"{'the durations file' if durations else 'test counts (no durations file)'}")
+
+
+def default_results(config: pytest.Config) -> Path:
+    """``results_path(device, dtype)``; for a shard, ``reports/shards/<that name>-shard<i>of<N>.json`` (never the
+    file a whole run writes, nor one that ``reports render`` picks up as a recorded section)."""
+    p = results_path(config.getoption("--device"), config.getoption("--dtype"))
+    s = shard_of(config)
+    return p if s is None else p.parent / "shards" / f"{p.stem}-shard{s['group']}of{s['splits']}.json"
 
 
 def _device_info(device: str) -> dict:
@@ -344,8 +577,8 @@ def _device_info(device: str) -> dict:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if getattr(session.config, "workerinput", None) is not None:
         return
-    path = Path(session.config.getoption("--results") or results_path(session.config.getoption("--device"),
-                                                                        session.config.getoption("--dtype")))
+    path = Path(session.config.getoption("--results") or default_results(session.config))
+    _RESULTS.ordered()
     outcomes = list(_RESULTS.outcomes.values())
     vers = {"torch": str(torch.__version__)}
     try:
@@ -368,6 +601,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             "device": session.config.getoption("--device"), "dtype": session.config.getoption("--dtype"),
             "attn": session.config.getoption("--attn"), "markexpr": session.config.getoption("-m") or "",
             "tf32": session.config.getoption("--tf32"), "device_info": _device_info(session.config.getoption("--device")),
+            # how the run was spread: xdist workers (0: one process) and, for a shard, which one of how many
+            "workers": _workers(session.config),
+            "shard": shard_of(session.config),
         },
         summary={
             "collected": session.testscollected, "passed": outcomes.count("passed"),
@@ -375,11 +611,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             "duration_s": round(time.time() - _RESULTS.start, 1), "exitstatus": int(exitstatus),
         },
         tests=_RESULTS.outcomes, skipped=_RESULTS.skipped, records=_RESULTS.rows, bad_input=_RESULTS.bad_input,
+        durations=_RESULTS.durations, marked=_RESULTS.marked,
     )
     if not _RESULTS.rows and not outcomes and int(exitstatus) == 0:
         return  # --collect-only: nothing ran. A collection error still writes (an empty run, with its exit status),
         # so the previous results can never pass for this run's.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run.to_json(), indent=1))
-    os.replace(tmp, path)
+    from impl.outfile import OutputError, write_text
+
+    try:  # atomic (impl/outfile.py): a full disk keeps the previous results file byte for byte
+        write_text(path, json.dumps(run.to_json(), indent=1))
+    except OutputError as e:
+        session.config.get_terminal_writer().line(f"results not written: {e}", red=True)
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR

@@ -5,7 +5,7 @@
 #                                                   run the parity suite, write reports/VALIDATION.md
 #   ./run.sh test [pytest args…]                    the default test suite (what CI runs), then the CI gate;
 #                                                   on a GPU: ./run.sh test --device cuda [--dtype bfloat16]
-#   ./run.sh bench --model DIR [bench args…]        speed: ours vs upstream on one folder (python -m impl bench)
+#   ./run.sh bench --model DIR [bench args…]        speed: ours vs upstream on one folder (python -m reference_export bench)
 #   ./run.sh setup                                  only create/refresh the virtualenv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,7 +41,7 @@ cmd=${1:-}
 case "$cmd" in
     setup) setup ;;
     report) setup; exec "$PY" -m reports run "$@" ;;
-    bench) setup; exec "$PY" -m impl bench "$@" ;;
+    bench) setup; exec "$PY" -m reference_export bench "$@" ;;
     test)
         setup
         "$PY" -m ruff check --quiet . || { echo "run.sh: ruff found problems (see above)" >&2; exit 1; }

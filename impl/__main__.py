@@ -2,6 +2,9 @@
 
 Modes follow the checkpoint (CustomVoice: ``--speaker``; VoiceDesign: ``--instruct``; Base: ``--ref-audio``
 with ``--ref-text`` for ICL or ``--x-vector-only``). Prints one line per item: frames, stop reason, seconds.
+Generation shows ``generating: done/budget frames`` on stderr: at once on a terminal, otherwise (a log, a pipe)
+only once it has run ``PROGRESS_DELAY_S`` seconds. Warnings (a budget far from what the text warrants, a dropped
+instruct) are one ``warning:`` line each on stderr, before generation starts.
 """
 
 from __future__ import annotations
@@ -10,16 +13,33 @@ import argparse
 import io
 import sys
 import time
+import warnings
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Off a terminal, the progress line appears only after this many seconds of generation (short runs and tests stay
+# quiet); on a terminal it shows at once.
+PROGRESS_DELAY_S = 5.0
+
+
+class UsageError(Exception):
+    """A command-line mistake argparse found (unknown flag, ``--seed abc``): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one ``error:`` line (argparse's own message, which names the argument and the
+    value) instead of the usage block; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m impl", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m impl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     # Listed here for --help; main() hands ``bench`` to impl.bench, which owns its arguments.
-    sub.add_parser("bench", add_help=False, help="speed: ours vs upstream on one folder (python -m impl bench --help)")
+    sub.add_parser("bench", add_help=False, help="speed: our engine on one folder (python -m impl bench --help; "
+                                                      "ours vs upstream: python -m reference_export bench)")
     s = sub.add_parser("synthesize", help="text -> 24 kHz wav")
     s.add_argument("--model", required=True, help="checkpoint folder (config.json, model.safetensors, ...)")
     s.add_argument("--text", required=True, action="append", help="text to speak (repeat for a batch)")
@@ -69,13 +89,24 @@ def _main(argv: list[str] | None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    args = _parser().parse_args(argv)
     try:
-        return _synthesize(args)
+        args = _parser().parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():  # restored afterwards: in-process callers keep their own warning display
+            warnings.showwarning = _show_warning
+            return _synthesize(args)
     except (ValueError, OSError, NotImplementedError, KeyError, RuntimeError) as e:
         # Config, checkpoint, prompt and audio errors are subclasses of these; each names the file, key or value.
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one ``warning:`` line on stderr, at once (not the two-line file:line form)."""
+    print(f"warning: {_one_line(message) if isinstance(message, BaseException) else message}", file=sys.stderr)
 
 
 def _one_line(e: BaseException) -> str:
@@ -96,10 +127,12 @@ def _check_utf8(flag: str, t: str) -> None:
 
 
 def _check_text_args(texts: list[str]) -> None:
+    from .model import blank_text_error, is_blank
+
     for i, t in enumerate(texts):
         _check_utf8(f"--text #{i + 1}", t)
-        if not t.strip():
-            raise ValueError(f"--text #{i + 1} is empty")
+        if is_blank(t):  # whitespace, or zero-width / invisible characters only
+            raise ValueError(blank_text_error(t, f"--text #{i + 1}"))
 
 
 def _synthesize(args: argparse.Namespace) -> int:
@@ -120,8 +153,9 @@ def _synthesize(args: argparse.Namespace) -> int:
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
     for path in paths:
         check_output(path)
-    from .sampling import check_sampling_value
+    from .sampling import check_sampling_value, check_seed
 
+    check_seed(args.seed)
     for name in ("temperature", "top_k", "top_p", "repetition_penalty"):  # ranges: before the model loads
         if getattr(args, name) is not None:
             check_sampling_value(name, getattr(args, name))
@@ -139,10 +173,14 @@ def _synthesize(args: argparse.Namespace) -> int:
     nst = None if args.non_streaming_text is None else args.non_streaming_text == "true"
     texts = args.text if len(args.text) > 1 else args.text[0]
     t1 = time.time()
-    res = tts.generate_codes(texts, mode=args.mode, speaker=args.speaker, language=args.language,
-                             instruct=args.instruct, ref_audio=args.ref_audio, ref_text=args.ref_text,
-                             x_vector_only=args.x_vector_only, non_streaming_text=nst, greedy=args.greedy,
-                             seed=args.seed, max_new_frames=args.max_new_frames, **sampling)
+    from .progress import ProgressLine
+
+    tty = sys.stderr.isatty()
+    with ProgressLine(sys.stderr, delay=0.0 if tty else PROGRESS_DELAY_S, tty=tty) as progress:
+        res = tts.generate_codes(texts, mode=args.mode, speaker=args.speaker, language=args.language,
+                                 instruct=args.instruct, ref_audio=args.ref_audio, ref_text=args.ref_text,
+                                 x_vector_only=args.x_vector_only, non_streaming_text=nst, greedy=args.greedy,
+                                 seed=args.seed, max_new_frames=args.max_new_frames, progress=progress, **sampling)
     t2 = time.time()
     wavs = tts.decode(res)  # raises on NaN/Inf audio: nonsense never reaches a file
     for i, (w, path) in enumerate(zip(wavs, paths)):

@@ -1,16 +1,17 @@
-"""``python -m impl bench --model DIR``: ours and upstream side by side on the same folder, in one process.
+"""``python -m impl bench --model DIR``: our engine timed on one folder (the side-by-side driver is the harness's).
 
 Measures, per batch size: frames/s of greedy generation (talker + code predictor) for our static decode step
-(:mod:`impl.fast_decode`; a CUDA graph per batch bucket on CUDA), for our eager loop, and for upstream through its
-own wrapper; the real-time factor (compute seconds per second of audio at 12.5 frames/s: below 1 is faster than
-real time); our first-audio time at 1- and 8-frame chunks (prompt, prefill, the frames, the codec decode of the
-chunk); peak memory (CUDA: ``max_memory_allocated``; CPU: the peak RSS growth of the process over the side's load
-and runs, sampled every 2 ms); the ratios; and on every device the weight read-bandwidth floor: bytes of weights
-one frame reads (the talker once, the predictor's layers 15 times) divided by a read bandwidth measured in the same
-run. Each figure is the median of ``--repeats`` runs after ``--warmup`` untimed ones (which also compile/capture).
+(:mod:`impl.fast_decode`; a CUDA graph per batch bucket on CUDA), for our eager loop; the real-time factor (compute
+seconds per second of audio at 12.5 frames/s: below 1 is faster than real time); our first-audio time at 1- and
+8-frame chunks (prompt, prefill, the frames, the codec decode of the chunk); peak memory (CUDA:
+``max_memory_allocated``; CPU: the peak RSS growth of the process over the side's load and runs, sampled every 2 ms);
+and on every device the weight read-bandwidth floor: bytes of weights one frame reads (the talker once, the
+predictor's layers 15 times) divided by a read bandwidth measured in the same run. Each figure is the median of
+``--repeats`` runs after ``--warmup`` untimed ones (which also compile/capture).
 
-Upstream is timed by :mod:`reference_export.upstream_bench`, imported lazily: ``impl`` itself never imports
-``qwen_tts`` or ``transformers`` (``--no-upstream`` skips that half, e.g. where qwen-tts is not installed).
+Ours against upstream, in one process on the same folder, is a harness tool: ``python -m reference_export bench``
+(:mod:`reference_export.bench`, ``./run.sh bench``) runs :func:`run` with upstream's timer passed in. ``impl``
+imports nothing of the harness, not even lazily.
 
 Results go to ``reports/bench-<device>-<preset>.json`` (``--json`` to choose): ``{"provenance": {...}, "runs":
 [...]}``, one run per (device, dtype, preset, batch, frames, fast mode); a run measured again replaces the old one,
@@ -24,11 +25,13 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 
 from .fast_decode import MODES as FAST_MODES
+from .outfile import check_free_space, check_output, write_text
 
 FRAME_RATE = 12.5  # codec frames per second of audio
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -222,10 +226,34 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _checkpoint_kind(model: str) -> dict[str, Any]:
+    """Whether the folder holds a synthetic checkpoint (random weights in the released layout, marked by the
+    ``synth.json`` that ``reference_export synth`` writes) or real weights, and which variant: the report says so
+    beside every number measured on it."""
+    folder = Path(model)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    kind: dict[str, Any] = {"synthetic": (folder / "synth.json").is_file(), "variant": cfg.get("tts_model_type")}
+    if kind["synthetic"]:
+        try:
+            kind["preset"] = json.loads((folder / "synth.json").read_text()).get("preset")
+        except (OSError, ValueError):
+            kind["preset"] = None
+    return kind
+
+
+# A recorded command is read on other machines: absolute paths (the model folder, --json) become <path>.
+_ABS_PATH = re.compile(r"(?<![\w.<])/[^\s'\"]+")
+
+
 def provenance(args: argparse.Namespace, device: torch.device, bandwidth: dict[str, float]) -> dict[str, Any]:
+    argv = sys.argv[1:] if args.argv is None else args.argv
     p: dict[str, Any] = {
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "python -m impl bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "command": _ABS_PATH.sub("<path>", f"{getattr(args, 'prog', 'python -m impl bench')} " + " ".join(argv)),
+        "checkpoint": _checkpoint_kind(args.model),
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -402,15 +430,38 @@ def build_runs(args, device: torch.device, preset: str, ours: dict, up: dict | N
     return runs
 
 
+def _old_runs(path: Path) -> list[dict[str, Any]]:
+    """The runs already in ``path`` (none when it does not exist); one ``ValueError`` line when it is not a bench
+    JSON, binary and unreadable files included."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ValueError(f"{path}: not a bench JSON ({why}); move it away or pass another --json") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    old = data.get("runs", []) if isinstance(data, dict) else data
+    if not isinstance(old, list) or not isinstance(data, dict):
+        got = type(data).__name__ if not isinstance(data, dict) else f"'runs' is {type(old).__name__}"
+        raise ValueError(f"{path}: not a bench JSON (an object with a 'runs' list; got {got}); move it away or pass "
+                         f"another --json")
+    return old
+
+
+def check_json_out(path: Path) -> None:
+    """Before the measurement: ``path`` can be written (folder exists and is writable, not a folder itself), an
+    existing file there is a bench JSON we can merge into, and its filesystem has room for it (its size + 1 MB)."""
+    check_output(path)
+    _old_runs(path)
+    check_free_space(path, (path.stat().st_size if path.is_file() else 0) + 1_000_000, "the bench JSON")
+
+
 def write_json(path: Path, prov: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     """Merge into ``path``: a run with the same (device, dtype, preset, batch, frames, fast mode) is replaced; each
-    run keeps the provenance it was measured under."""
-    old: list[dict[str, Any]] = []
-    if path.exists():
-        try:
-            old = json.loads(path.read_text()).get("runs", [])
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a bench JSON ({e}); move it away or pass another --json") from e
+    run keeps the provenance it was measured under. Written atomically (impl/outfile.py)."""
+    old = _old_runs(path)
 
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("device"), r.get("dtype"), r.get("preset"), r.get("batch"), r.get("frames"), r.get("fast_mode"),
@@ -422,10 +473,7 @@ def write_json(path: Path, prov: dict[str, Any], runs: list[dict[str, Any]]) -> 
     merged = [r for r in old if key(r) not in new_keys] + runs
     merged.sort(key=lambda r: (str(r.get("dtype")), int(r.get("batch", 0)), int(r.get("frames", 0)),
                                str(r.get("fast_mode")), str(r.get("linear", "aten"))))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"provenance": prov, "runs": merged}, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"provenance": prov, "runs": merged}, indent=1) + "\n")
 
 
 def print_table(prov: dict[str, Any], runs: list[dict[str, Any]]) -> None:
@@ -497,14 +545,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--language", default="english")
     p.add_argument("--profile", action="store_true",
                    help="batch 1: also profile one run of each of our paths (operator calls, host ms, top ops per frame)")
-    p.add_argument("--no-upstream", action="store_true", help="time ours only")
     p.add_argument("--no-eager", action="store_true", help="skip our eager loop (static step only)")
     p.add_argument("--linear", choices=["aten", "onednn"], default="aten",
                    help="our talker's matmul kernel (impl.layers.Linear): aten (upstream's) or onednn (CPU float32)")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+# time_upstream(folder, *, device, dtype, mode, texts, speaker, instruct, language, max_new_tokens, warmup, repeats,
+# peak_memory, profile) -> dict: what the harness passes in (reference_export.upstream_bench.time_upstream).
+UpstreamTimer = Callable[..., dict[str, Any]]
+
+
+def run(args: argparse.Namespace, time_upstream: UpstreamTimer | None = None) -> int:
+    """Measure ours (and upstream, when the harness passes ``time_upstream``), print, merge into the JSON."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
@@ -521,14 +574,17 @@ def run(args: argparse.Namespace) -> int:
     size = json.loads(cfg_path.read_text()).get("tts_model_size")
     preset = args.preset or SIZE_NAMES.get(str(size), str(size))
     fast_mode = args.fast_mode or ("cudagraph" if device.type == "cuda" else "eager")
+    # Default: the clone's reports/ (rendered into VALIDATION.md). Installed from a wheel, the folder beside the
+    # package is site-packages (no conftest.py there: the wheel does not ship it), so the current directory.
+    root = Path(__file__).resolve().parent.parent
+    reports_dir = root / "reports" if (root / "conftest.py").is_file() else Path.cwd()
+    out = Path(args.json) if args.json else reports_dir / f"bench-{device.type}-{preset}.json"
+    check_json_out(out)  # before the measurement: a bad --json fails in the first second, not after minutes
     bandwidth = read_bandwidth_gbs(device, gib=4.0 if device.type == "cuda" else 0.5)  # GPU: TB/s, needs bulk
     ours = measure_ours(args, device, dtype, args.batch, fast_mode)
     print(f"bench: ours measured ({args.model}, batches {args.batch})", flush=True)
     up = None
-    if not args.no_upstream:
-        # Upstream lives in the harness (reference_export), never in impl: imported here, lazily, only to time it.
-        from reference_export.upstream_bench import time_upstream
-
+    if time_upstream is not None:
         up = {}
         for b in args.batch:
             up[b] = time_upstream(folder, device=str(device), dtype=dtype, mode=ours["mode"], texts=[args.text] * b,
@@ -539,20 +595,18 @@ def run(args: argparse.Namespace) -> int:
     prov["bytes_per_frame"] = ours["bytes_per_frame"]
     runs = build_runs(args, device, preset, ours, up, bandwidth["floor"], fast_mode)
     print_table(prov, runs)
-    # Default: the clone's reports/ (rendered into VALIDATION.md). Installed from a wheel, the folder beside the
-    # package is site-packages (no conftest.py there: the wheel does not ship it), so the current directory.
-    root = Path(__file__).resolve().parent.parent
-    reports_dir = root / "reports" if (root / "conftest.py").is_file() else Path.cwd()
-    out = Path(args.json) if args.json else reports_dir / f"bench-{device.type}-{preset}.json"
     write_json(out, prov, runs)
     print(f"bench: wrote {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(argparse.ArgumentParser(prog="python -m impl bench", description=__doc__.splitlines()[0]))
+    p = add_arguments(argparse.ArgumentParser(
+        prog="python -m impl bench", description=__doc__.splitlines()[0],
+        epilog="Ours against upstream on the same folder: python -m reference_export bench (the harness)."))
     args = p.parse_args(argv)
     args.argv = argv
+    args.prog = "python -m impl bench"
     try:
         return run(args)
     except (ValueError, FileNotFoundError, NotImplementedError, KeyError, RuntimeError) as e:

@@ -34,6 +34,7 @@ import torch
 from .generate import GenerationResult, GenerationSettings, NonFiniteError
 from .kv_cache import KVCache, StaticKVCache
 from .layers import causal_mask, get_attention, get_linear_kernel
+from .progress import ProgressFn
 from .prompt import BatchPrompt
 from .sampling import NEG_INF, PredictorChooser, margin, suppress, suppress_mask
 from .talker import Talker, rope_positions
@@ -316,11 +317,12 @@ def decoder_for(talker: Talker, prompt: BatchPrompt, settings: GenerationSetting
 
 
 def generate_fast(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
-                  mode: str = "eager") -> GenerationResult:
+                  mode: str = "eager", progress: ProgressFn | None = None) -> GenerationResult:
     """Greedy generation on the static step; the same result as :func:`impl.generate.generate` (codes exactly
-    equal in fp32)."""
+    equal in fp32). ``progress(done, budget)`` after every frame, as there."""
     dec = decoder_for(talker, prompt, settings, mode)
     dec.load(prompt, settings)
-    for _ in dec.frames_iter():
-        pass
+    for k in dec.frames_iter():
+        if progress is not None:
+            progress(k + 1, settings.max_new_tokens - 1)
     return dec.result()

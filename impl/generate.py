@@ -32,6 +32,7 @@ import torch
 
 from . import taps
 from .layers import causal_mask
+from .progress import ProgressFn
 from .prompt import BatchPrompt
 from .sampling import PredictorChooser, SamplingConfig, choose, margin, process_talker, suppress_mask
 from .talker import Talker, rope_positions, step_positions
@@ -109,10 +110,11 @@ class TalkerLoop:
     attention implementation is the talker's module setting (:func:`impl.layers.set_attention`)."""
 
     def __init__(self, talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, progress: ProgressFn | None = None):
         if settings.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         self.talker, self.prompt, self.settings, self.generator = talker, prompt, settings, generator
+        self.progress = progress  # progress(frames done, frame budget) after every frame (impl.progress)
         tc = talker.cfg
         self.eos = tc.codec_eos_token_id
         dev, dtype = prompt.embeds.device, prompt.embeds.dtype
@@ -168,6 +170,8 @@ class TalkerLoop:
             self.frames[:, k, 0] = tok
             self.frames[:, k, 1:] = fc.codes
             self.margins[:, k, 1:] = fc.margins
+            if self.progress is not None:
+                self.progress(k + 1, self.N - 1)  # host ints only: no sync
             yield k
             x = t.frame_embedding(self.frames[:, k])  # (B, 1, C)
             x = x + (p.trailing[:, k : k + 1] if k < Lt else p.tts_pad)  # text side: trailing text, then tts_pad
@@ -212,15 +216,17 @@ class TalkerLoop:
 
 
 def generate(talker: Talker, prompt: BatchPrompt, settings: GenerationSettings,
-             generator: torch.Generator | None = None, *, fast: str | None = None) -> GenerationResult:
+             generator: torch.Generator | None = None, *, fast: str | None = None,
+             progress: ProgressFn | None = None) -> GenerationResult:
     """Run the loop to the end (see :class:`TalkerLoop`). ``fast`` (greedy only): run the static decode step of
     :mod:`impl.fast_decode` in that mode (``eager``, ``compile``, ``cudagraph``, ``compile-cudagraph``) instead;
-    same codes, proven equal in ``parity_tests/test_fast_decode.py``."""
+    same codes, proven equal in ``parity_tests/test_fast_decode.py``. ``progress(done, budget)`` is called after
+    every frame (:mod:`impl.progress`)."""
     if fast is not None:
         from .fast_decode import generate_fast
 
-        return generate_fast(talker, prompt, settings, fast)
-    loop = TalkerLoop(talker, prompt, settings, generator)
+        return generate_fast(talker, prompt, settings, fast, progress=progress)
+    loop = TalkerLoop(talker, prompt, settings, generator, progress)
     for _ in loop:
         pass
     return loop.result()

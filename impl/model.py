@@ -4,11 +4,14 @@ Mirrors upstream's inference wrapper (``qwen_tts.inference.qwen3_tts_model.Qwen3
 ``generate_voice_design``, ``generate_voice_clone``) on top of :mod:`impl.prompt`, :mod:`impl.generate` and the codec:
 the same chat templates, per-mode defaults (text fed non-streaming for CustomVoice/VoiceDesign, streaming for voice
 clone), sampling defaults (argument > ``generation_config.json`` > upstream's hard defaults), and the ICL decode
-(reference frames decoded in front of the new ones, then cut).
+(reference frames decoded in front of the new ones, then cut; the 300-frame chunks wholly inside the cut are skipped,
+with the kept audio bit-identical).
 
 Deliberate differences: a dropped ``instruct`` (0.6B CustomVoice, voice clone) warns instead of vanishing;
 ``max_new_frames`` counts frames (upstream's ``max_new_tokens`` = frames + 1); budget exhaustion is reported per
-item; Base modes accept a precomputed ``xvector=`` and ``ref_codes=``.
+item, and a budget far from what the text warrants is said before generation (:class:`BudgetWarning`); Base modes
+accept a precomputed ``xvector=`` and ``ref_codes=`` (range-checked); ``progress=`` reports frames done / budget;
+a text of only invisible characters (zero-width space, word joiner, BOM ...) is empty.
 
 Devices (``from_pretrained(device=...)`` is "the model device"): user inputs -- reference wavs (numpy, or torch
 tensors on any device, any float dtype), ``xvector=``, ``ref_codes=`` -- may be on CPU or on the model device; they
@@ -23,6 +26,8 @@ factories without ``device=`` and runs the API with its weights on ``meta`` and 
 from __future__ import annotations
 
 import json
+import unicodedata
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ from .generate import (
 )
 from .layers import check_attn_impl, check_linear_kernel, get_attention, set_attention, set_linear_kernel
 from .loading import CheckpointError, load_module, weight_files
+from .progress import resolve_progress
 from .prompt import (
     PromptError,
     PromptRequest,
@@ -52,7 +58,7 @@ from .prompt import (
     supported_languages,
     warn_dropped_instruct,
 )
-from .sampling import SamplingConfig, check_sampling_value, make_generator
+from .sampling import SamplingConfig, check_sampling_value, check_seed, make_generator
 from .talker import Talker
 
 MODES = ("custom_voice", "voice_design", "voice_clone")
@@ -63,6 +69,37 @@ HARD_DEFAULTS = dict(do_sample=True, top_k=50, top_p=1.0, temperature=0.9, repet
                      max_new_tokens=2048)
 # Default ``non_streaming_mode`` of each upstream wrapper.
 NON_STREAMING_DEFAULT = {"custom_voice": True, "voice_design": True, "voice_clone": False}
+# An explicit ``max_new_frames`` above this many times the text's default budget (75 + 15 x text tokens) is said
+# before generation starts (:class:`BudgetWarning`): a model that never emits EOS would run all of it.
+BUDGET_WARN_FACTOR = 2
+FRAME_RATE = 12.5  # codec frames per second of audio
+
+# Characters that show and say nothing, beyond what ``str.isspace`` knows: the Unicode format (Cf: zero-width
+# space/joiners U+200B..U+200D, word joiner U+2060, BOM U+FEFF, bidi marks), control (Cc) and separator (Z*)
+# categories, and invisible code points filed elsewhere (combining grapheme joiner, Hangul fillers, braille blank,
+# variation selectors). A text made only of these is empty.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
+_INVISIBLE_CHARS = frozenset({0x034F, 0x115F, 0x1160, 0x2800, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10),
+                              *range(0xE0100, 0xE01F0)})
+
+
+class BudgetWarning(UserWarning):
+    """The frame budget is far from what the text warrants; said before generation starts."""
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` holds nothing to speak: only whitespace and invisible characters (``_INVISIBLE_*``)."""
+    return all(c.isspace() or ord(c) in _INVISIBLE_CHARS or unicodedata.category(c) in _INVISIBLE_CATEGORIES
+               for c in text)
+
+
+def blank_text_error(text: str, what: str) -> str:
+    """The one line for a blank ``text``: plain "is empty", or naming the invisible characters it holds."""
+    shown = sorted({c for c in text if not c.isspace()})
+    if not shown:
+        return f"{what} is empty"
+    names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '')}".rstrip() for c in shown[:3])
+    return f"{what} is empty: it holds only invisible characters ({names}{', ...' if len(shown) > 3 else ''})"
 
 
 def _as_list(x: Any, n: int, name: str) -> list:
@@ -137,13 +174,13 @@ def check_texts(text: object) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise ValueError(f"text item {i} is a {type(t).__name__}, not a string")
-        if not t.strip():
-            raise ValueError(f"text item {i} is empty")
         try:
             t.encode("utf-8")
         except UnicodeEncodeError as e:
             raise ValueError(f"text item {i} is not valid UTF-8 (undecodable character at position {e.start}: "
                              f"{t[max(e.start - 10, 0):e.start]!r}…)") from None
+        if is_blank(t):  # whitespace, or zero-width / invisible characters only (after the UTF-8 check: names)
+            raise ValueError(blank_text_error(t, f"text item {i}"))
     return texts
 
 
@@ -172,6 +209,22 @@ def _check_xvector(x: object, i: int, size: int) -> torch.Tensor:
         raise ValueError(f"xvector (item {i}): shape {tuple(t.shape)}, the talker expects ({size},)")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"xvector (item {i}): holds NaN/Inf (a NaN reference clip or speaker encoder?)")
+    return t
+
+
+def _check_ref_codes(x: object, i: int, groups: int, codebook_size: int, device: torch.device) -> torch.Tensor:
+    """ICL reference codes (F, groups), integers in ``[0, codebook_size)``, F >= 1, as int64 on ``device``; one
+    ``ValueError`` line naming the item (and frame and codebook) otherwise, before any embedding lookup."""
+    from .codec.quantizer import check_codes, check_integer_codes
+
+    t = torch.as_tensor(x, device=device)  # moved once, at this API boundary
+    check_integer_codes(t, f"ref_codes (item {i})")
+    if t.ndim != 2 or t.shape[1] != groups:
+        raise ValueError(f"ref_codes (item {i}): shape {tuple(t.shape)} is not (frames, {groups})")
+    if t.shape[0] == 0:
+        raise ValueError(f"ref_codes (item {i}): 0 frames (an ICL reference needs at least one frame)")
+    t = t.long()
+    check_codes(t[None], codebook_size, "ref_codes", items=[i])
     return t
 
 
@@ -399,7 +452,11 @@ class Qwen3TTS:
                     raise PromptError(f"ref_text is required for ICL voice clone (item {i}); or x_vector_only=True")
                 r.ref_ids = self._ids(ref_text(rtexts[i]))
                 # On the model device: the prompt embeds them and decode()/callers cat them with the new codes.
-                r.ref_codes = torch.as_tensor(rcodes[i], device=self.device).long()
+                # Range: the code predictor's embeddings (groups 1..15) and the codec's codebooks hold
+                # ``code_predictor_config.vocab_size`` entries (2048); group 0 is decoded by the codec too.
+                r.ref_codes = _check_ref_codes(rcodes[i], i, self.talker.cfg.num_code_groups,
+                                               self.config.talker_config.code_predictor_config.vocab_size,
+                                               self.device)
 
     # -- audio helpers (codec / speaker encoder / audio written by others; imported lazily) ------------------
 
@@ -433,21 +490,55 @@ class Qwen3TTS:
     def generate_codes(self, text: str | list[str], mode: str | None = None, speaker=None, language="auto",
                        instruct=None, ref_audio=None, ref_text=None, x_vector_only=False,
                        non_streaming_text: bool | None = None, greedy: bool = False, seed: int | None = None,
-                       max_new_frames: int | None = None, xvector=None, ref_codes=None,
+                       max_new_frames: int | None = None, xvector=None, ref_codes=None, progress=None,
                        **sampling) -> GenerationResult:
         """Codes (F_i, 16) per text, with talker hidden states, stop reasons and per-decision margins; every tensor
         of the result (``ref_codes`` included) is on the model device, whatever device ``xvector=`` /
-        ``ref_codes=`` came on."""
+        ``ref_codes=`` came on.
+
+        ``progress``: ``True`` shows ``generating: done/budget frames`` on stderr; a callable is called as
+        ``progress(done, budget)`` after every frame (:mod:`impl.progress`). A budget far from what the text
+        warrants is said first, as a :class:`BudgetWarning`."""
         settings = self.settings(greedy, max_new_frames, **sampling)  # cheap checks before the prompt work
         fast = self._fast_mode(settings)
+        seed = check_seed(seed)
+        callback, line = resolve_progress(progress)
         reqs = self.requests(text, mode, speaker, language, instruct, ref_audio, ref_text, x_vector_only,
                              non_streaming_text, xvector, ref_codes)
+        text_tokens = max(len(r.input_ids) for r in reqs)
         if max_new_frames is None:
-            settings = self.settings(greedy, None, max(len(r.input_ids) for r in reqs), **sampling)
+            settings = self.settings(greedy, None, text_tokens, **sampling)
+        self._warn_budget(settings, max_new_frames, text_tokens)
         prompt = build(self.talker, self.config, reqs)
-        res = generate(self.talker, prompt, settings, make_generator(seed, self.device), fast=fast)
+        try:
+            res = generate(self.talker, prompt, settings, make_generator(seed, self.device), fast=fast,
+                           progress=callback)
+        finally:
+            if line is not None:
+                line.close()
         res.ref_codes = [r.ref_codes for r in reqs]
         return res
+
+    def _warn_budget(self, settings: GenerationSettings, max_new_frames: int | None, text_tokens: int) -> None:
+        """Say (:class:`BudgetWarning`, before generation) when the frame budget is far from what the text warrants:
+        an explicit ``max_new_frames`` above ``BUDGET_WARN_FACTOR`` x the default budget, or a text whose default
+        budget is cut by the checkpoint's ``max_new_tokens`` (a long run whose audio may still be cut short)."""
+        from . import generate as gen  # the budget constants, read at call time
+
+        frames = settings.max_new_tokens - 1
+        warranted = default_frame_budget(text_tokens)
+        rule = f"{gen.BUDGET_BASE_FRAMES} + {gen.BUDGET_FRAMES_PER_TOKEN} x {text_tokens} text tokens = {warranted} frames"
+        if max_new_frames is not None and max_new_frames > BUDGET_WARN_FACTOR * warranted:
+            msg = (f"max_new_frames {max_new_frames} is far above what the text warrants ({rule}): a model that "
+                   f"never emits EOS runs all {max_new_frames} frames ({max_new_frames / FRAME_RATE:.0f} s of audio)")
+        elif max_new_frames is None and warranted > frames:
+            msg = (f"the text warrants {warranted} frames ({rule}), more than max_new_tokens allows: up to "
+                   f"{frames} frames ({frames / FRAME_RATE:.0f} s of audio), a long run whose audio may be cut "
+                   "short (split the text, or pass max_new_frames)")
+        else:
+            return
+        # 4: past this method, generate_codes / stream and torch's inference_mode wrapper, to the caller's line.
+        warnings.warn(msg, BudgetWarning, stacklevel=4)
 
     def _fast_mode(self, settings: GenerationSettings) -> str | None:
         """``self.fast`` when set (after checking the settings are greedy), else None (the eager loop)."""
@@ -457,22 +548,38 @@ class Qwen3TTS:
         return self.fast
 
     def decode(self, result: GenerationResult) -> list[np.ndarray]:
-        """Waveforms (float32 numpy, 24 kHz; codes on any device) of a result; ICL rows decode reference + new frames, then cut the reference
-        part as upstream does (``int(ref_len / total_len * len(wav))`` samples)."""
-        seqs = []
+        """Waveforms (float32 numpy, 24 kHz; codes on any device) of a result. ICL rows are upstream's decode of
+        reference + new frames with the reference part cut (``int(ref_len / total_len * len(wav))`` samples), bit
+        for bit; the 300-frame chunks that end before every row's cut are not decoded at all (``skip_frames`` of
+        :meth:`impl.codec.SpeechTokenizer.decode`: each chunk is decoded from scratch, so the kept audio is the
+        same), which spares most of a long reference's decode. Codes out of range are one ``ValueError`` line."""
+        from .codec.quantizer import check_codes, check_integer_codes
+
+        codec = self.codec
+        K, up = codec.decoder.cfg.codebook_size, codec.decoder.total_upsample
+        G = codec.decoder.cfg.num_quantizers
+        seqs, cuts = [], []
         for i, c in enumerate(result.codes):
             ref = result.ref_codes[i] if result.ref_codes else None
-            seqs.append(torch.cat([ref.to(c.device), c]) if ref is not None else c)
-        wavs = self.codec.decode([s.cpu() for s in seqs])
+            for what, t in (("codes", c), ("ref_codes", ref)):  # named apart: a frame index means what it says
+                if t is None:
+                    continue
+                check_integer_codes(t, f"{what} (item {i})")
+                if t.ndim != 2 or t.shape[1] != G:
+                    raise ValueError(f"{what} (item {i}): shape {tuple(t.shape)} is not (frames, {G})")
+                check_codes(t[None], K, what, items=[i])
+            seq = torch.cat([ref.to(c.device), c]) if ref is not None else c
+            seqs.append(seq)
+            # Upstream's cut, computed as it does on the decoded length (every frame of seq is valid: 1920 each).
+            cuts.append(int(ref.shape[0] / max(seq.shape[0], 1) * (seq.shape[0] * up)) if ref is not None else 0)
+        skip = min((cut // up for cut in cuts), default=0)  # frames wholly before every row's cut
+        wavs = codec.decode([s.cpu() for s in seqs], skip_frames=skip)  # each = full decode[skip * up:]
         out = []
-        for i, w in enumerate(wavs):
-            w = np.asarray(w, dtype=np.float32)
+        for i, (w, cut) in enumerate(zip(wavs, cuts)):
+            w = np.asarray(w, dtype=np.float32)[cut - skip * up:]
             if not np.isfinite(w).all():  # never hand back (or write) a NaN waveform
                 raise RuntimeError(f"decoded audio of item {i} holds {int((~np.isfinite(w)).sum())} NaN/Inf samples "
                                    f"of {len(w)}: the codec weights or the codes are broken")
-            ref = result.ref_codes[i] if result.ref_codes else None
-            if ref is not None:
-                w = w[int(ref.shape[0] / max(seqs[i].shape[0], 1) * w.shape[0]):]
             out.append(w)
         return out
 
@@ -491,23 +598,36 @@ class Qwen3TTS:
         ``DecoderStream``), which carries the decoder's state across pushes, so the chunks join to the one-shot
         decode of all frames (upstream's ``decode`` recomputes 300-frame chunks with 25 frames of left context,
         which differs slightly after frame 300). ICL: the reference frames are pushed first and their audio
-        dropped, as upstream cuts ``ref_len * 1920`` samples."""
+        dropped, as upstream cuts ``ref_len * 1920`` samples (all of them are pushed: the stream's state needs every
+        frame). ``progress=`` as in :meth:`generate_codes`."""
         if not isinstance(text, str):
             raise ValueError(f"stream() takes one text (a str), got {type(text).__name__}")
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames {chunk_frames!r} must be an integer >= 1")
         greedy, seed = kwargs.pop("greedy", False), kwargs.pop("seed", None)
         max_new_frames = kwargs.pop("max_new_frames", None)
+        progress = kwargs.pop("progress", None)
         sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in HARD_DEFAULTS}
         settings = self.settings(greedy, max_new_frames, **sampling)
+        seed = check_seed(seed)
+        callback, line = resolve_progress(progress)
         reqs = self.requests(text, **kwargs)
         if max_new_frames is None:
             settings = self.settings(greedy, None, len(reqs[0].input_ids), **sampling)
+        self._warn_budget(settings, max_new_frames, len(reqs[0].input_ids))
         prompt = build(self.talker, self.config, reqs)
-        loop = TalkerLoop(self.talker, prompt, settings, make_generator(seed, self.device))
+        loop = TalkerLoop(self.talker, prompt, settings, make_generator(seed, self.device), callback)
+        try:
+            yield from self._stream_chunks(loop, reqs[0], chunk_frames)
+        finally:
+            if line is not None:
+                line.close()
+
+    def _stream_chunks(self, loop: TalkerLoop, req: PromptRequest, chunk_frames: int) -> Iterator[np.ndarray]:
+        """The audio of :meth:`stream`: ``chunk_frames`` frames at a time through one codec ``DecoderStream``."""
         dec = self.codec.decoder.stream()
-        if reqs[0].ref_codes is not None:
-            dec.push(reqs[0].ref_codes.to(self.codec.device))  # context only
+        if req.ref_codes is not None:
+            dec.push(req.ref_codes.to(self.codec.device))  # context only (the stream's state needs every frame)
         start = end = 0
         for k in loop:
             end = k + 1

@@ -14,7 +14,8 @@ Rules:
   (``.<stem>.tmp-<pid>-<rand><suffix>``: the suffix is kept, so libraries that pick a format from it still work),
   flushed to disk (fsync), and renamed into place; the folder is fsynced after the rename. On any failure —
   an exception, a full disk, Ctrl-C, or SIGTERM while the write is under way — the temporary file is removed and
-  the old file is untouched.
+  the old file is untouched. An ``OSError`` while writing (ENOSPC, EDQUOT, EIO; h5py's spans several lines) becomes
+  one :class:`OutputError` line naming the path and saying what is left (:func:`write_failed`).
 
 :func:`check_output` runs first, before any work, and proves the folder writable by creating and removing a probe
 file there: a missing folder or a read-only one fails in the first second, not after an hour of measurement.
@@ -36,7 +37,9 @@ from pathlib import Path
 
 
 class OutputError(ValueError):
-    """An output path that cannot be written."""
+    """An output path that cannot be written (``reason``: the system's words, when a write failed part-way)."""
+
+    reason: str | None = None
 
 
 def _shown(given: Path, target: Path) -> str:
@@ -59,7 +62,7 @@ def check_output(path: str | Path) -> tuple[Path, bool]:
     if st is not None:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            raise OutputError(f"{shown}: is a directory; --out names a file")
+            raise OutputError(f"{shown}: is a directory; an output file is expected here")
         if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
             if not os.access(target, os.W_OK):
                 raise OutputError(f"{shown}: not writable")
@@ -72,6 +75,12 @@ def check_output(path: str | Path) -> tuple[Path, bool]:
         raise OutputError(f"{shown}: folder {parent} {what}")
     _probe(parent, shown, target.name)
     return target, False
+
+
+def check_writable(folder: str | Path, shown: str | Path) -> None:
+    """Prove ``folder`` writable by creating and removing a probe file there; raises :class:`OutputError` starting
+    with ``shown`` (the output the user named) otherwise."""
+    _probe(Path(folder), str(shown), Path(shown).name)
 
 
 def _probe(folder: Path, shown: str, name: str = "out") -> None:
@@ -104,6 +113,23 @@ def check_folder(path: str | Path, create: bool = False) -> Path:
         except OSError as e:
             raise OutputError(f"{shown}: cannot create the folder ({e.strerror})") from None
     _probe(target, shown)
+    return target
+
+
+def check_folder_can_be_made(path: str | Path) -> Path:
+    """An output folder that the writer makes later: an existing one is checked as by :func:`check_folder`; for a
+    new one, the nearest existing folder above it must be a writable folder. Nothing is created now, so a run
+    refused for another reason leaves no empty folder behind."""
+    given = Path(path)
+    target = Path(os.path.realpath(given))
+    if target.exists():
+        return check_folder(given)
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{_shown(given, target)}: {parent} is a file, not a folder")
+    _probe(parent, _shown(given, target))
     return target
 
 
@@ -166,6 +192,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield target
         return
     tmp = temp_name(target)
+    existed = target.exists()
     with _sigterm_raises():
         try:
             yield tmp
@@ -175,9 +202,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
             with contextlib.suppress(OSError):
                 _fsync_path(target.parent, directory=True)
+        except OSError as e:  # a full disk, a quota, an I/O error while writing: one line naming the output
+            raise write_failed(path, e, existed) from None
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+
+
+def _why(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def write_failed(path: str | Path, e: OSError, existed: bool) -> OutputError:
+    """One line for a write that failed part-way (``e``: the OSError; h5py's spans several lines, so the errno's
+    text is used when there is one), saying what is left: the old file, or nothing."""
+    why = _why(e)
+    left = "the old file is kept unchanged" if existed else "no file was written"
+    err = OutputError(f"{path}: write failed ({why}); {left}")
+    err.reason = why  # atomic_dir re-words a failed file inside its temporary folder in terms of the folder
+    return err
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -217,10 +260,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
             with contextlib.suppress(OSError):
                 _fsync_path(target.parent, directory=True)
+        except (OSError, OutputError) as e:
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # the rename of the new folder failed: put the old one back
+            if isinstance(e, OSError):
+                why = _why(e)
+            elif getattr(e, "reason", None):  # a file inside the temporary folder failed to write
+                why = e.reason
+            else:
+                raise
+            left = "the old folder is kept unchanged" if target.exists() else "no folder was written"
+            raise OutputError(f"{given}: write failed ({why}); {left}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["OutputError", "atomic_dir", "atomic_path", "check_folder", "check_free_space", "check_output",
-           "temp_name", "write_bytes", "write_text"]
+__all__ = ["OutputError", "atomic_dir", "atomic_path", "check_folder", "check_folder_can_be_made", "check_free_space",
+           "check_output", "check_writable", "temp_name", "write_bytes", "write_failed", "write_text"]

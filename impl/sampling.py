@@ -19,6 +19,7 @@ logits before the processors). Every function here takes and returns (B, V) tens
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -173,15 +174,32 @@ def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | N
     return torch.argmax(scores, dim=-1)
 
 
+def check_seed(seed: object) -> int | None:
+    """``seed`` as an int torch can seed with (``[-2**63, 2**64)``, as ``torch.manual_seed``), or None; one
+    ``ValueError`` line naming the seed otherwise (not ``int()``'s "invalid literal")."""
+    if seed is None:
+        return None
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)  # int and numpy integers; not floats, strings, bools
+    except TypeError:
+        raise ValueError(f"seed {seed!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"seed {value} is out of range: must be in [-2**63, 2**64)")
+    return value
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A seeded generator on ``device`` (None: torch's global RNG, as upstream uses).
 
     With the same seed, ``torch.manual_seed(seed)`` before upstream's generate consumes the CPU RNG in the same
     order as this generator (one multinomial per talker token, then 15 per frame for the predictor)."""
+    seed = check_seed(seed)
     if seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
+    g.manual_seed(seed)
     return g
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -68,12 +68,16 @@ def record_io(rec: Recorder, path: str, args: tuple, out: object, inputs: bool) 
 
 @dataclass
 class Recorder:
-    """Collects taps. ``include`` globs filter names (default: all). Tensors are detached copies on CPU."""
+    """Collects taps. ``include`` globs filter names (default: all). Tensors are detached copies on CPU.
+
+    With ``sink`` set, each tap goes to ``sink(name, tensor, step)`` as it is produced instead of being kept (a
+    caller that writes taps to disk step by step holds none of them in memory)."""
 
     include: tuple[str, ...] = ("*",)
     records: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     step: int = 0  # set by generation loops; stored alongside for autoregressive taps
     steps: dict[str, list[int]] = field(default_factory=dict)
+    sink: Callable[[str, torch.Tensor, int], None] | None = None
 
     def wants(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, g) for g in self.include)
@@ -81,20 +85,25 @@ class Recorder:
     def add(self, name: str, value: torch.Tensor) -> None:
         if not self.wants(name):
             return
+        if self.sink is not None:
+            self.sink(name, value.detach().to("cpu", copy=True), self.step)
+            return
         self.records.setdefault(name, []).append(value.detach().to("cpu", copy=True))
         self.steps.setdefault(name, []).append(self.step)
 
 
 @contextlib.contextmanager
 def recording(
-    model: nn.Module | None = None, prefix: str = "", include: tuple[str, ...] = ("*",), inputs: bool = False
+    model: nn.Module | None = None, prefix: str = "", include: tuple[str, ...] = ("*",), inputs: bool = False,
+    sink: Callable[[str, torch.Tensor, int], None] | None = None,
 ) -> Iterator[Recorder]:
     """Record explicit taps, and (if ``model`` is given) every submodule's output as ``<path>:out``.
 
     ``prefix`` is prepended to module names (use the upstream top-level name, e.g. ``"talker"`` when ``model`` is
-    the talker). With ``inputs=True`` the first positional input is recorded as ``<path>:in`` too.
+    the talker). With ``inputs=True`` the first positional input is recorded as ``<path>:in`` too. ``sink``: see
+    :class:`Recorder`.
     """
-    rec = Recorder(include=include)
+    rec = Recorder(include=include, sink=sink)
     handles = []
     if model is not None:
         set_tap_paths(model, prefix)

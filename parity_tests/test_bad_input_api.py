@@ -17,7 +17,7 @@ import torch
 
 from impl import Qwen3TTS
 from impl.audio import AudioInputError, load_reference_audio, to_mono
-from impl.generate import NonFiniteError, default_frame_budget
+from impl.generate import GenerationResult, NonFiniteError, default_frame_budget
 
 SURFACE = "Python API"
 _MODELS: dict[str, Qwen3TTS] = {}
@@ -41,6 +41,26 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 
 CV = dict(speaker="ryan", language="english", greedy=True)
+
+
+def ICL(t: Qwen3TTS) -> dict:
+    """ICL voice clone with a precomputed (zero) xvector: what a ref_codes case needs besides the codes."""
+    return dict(xvector=torch.zeros(t.talker.cfg.hidden_size), ref_text="Reference words.", language="english",
+                greedy=True, max_new_frames=2)
+
+
+def _codes(frames: int, set_to: dict[tuple[int, int], int] | None = None) -> torch.Tensor:
+    """Valid codes (frames, 16) with the given (frame, codebook) entries set to a value."""
+    c = torch.randint(0, 2048, (frames, 16), generator=torch.Generator().manual_seed(frames))
+    for (f, q), v in (set_to or {}).items():
+        c[f, q] = v
+    return c
+
+
+def _result(codes: torch.Tensor, ref_codes: torch.Tensor | None = None) -> GenerationResult:
+    """A one-item result as generate_codes returns it (what Qwen3TTS.decode reads: codes, ref_codes)."""
+    z = torch.zeros(codes.shape[0], 1)
+    return GenerationResult([codes], [z], ["eos"], [z], codes.shape[0] + 1, [0], [ref_codes])
 
 
 # ------------------------------------------------------------------------------ ordinary mistakes -> one line
@@ -91,6 +111,63 @@ ERROR_CASES = [
     ("xvector= of the wrong width", "base",
      lambda t: t.generate_codes("Hi.", xvector=torch.zeros(7), x_vector_only=True, greedy=True, max_new_frames=2),
      ValueError, "xvector (item 0): shape (7,)"),
+    # issue 19: invisible text, seeds, code ranges
+    ("text of only zero-width characters", "custom_voice",
+     lambda t: t.generate_codes("\u200b\u200c\u200d\u2060\ufeff", **CV, max_new_frames=2), ValueError,
+     "text item 0 is empty: it holds only invisible characters (U+200B ZERO WIDTH SPACE, U+200C ZERO WIDTH "
+     "NON-JOINER, U+200D ZERO WIDTH JOINER, ...)"),
+    ("text in a batch of only a BOM and a word joiner", "custom_voice",
+     lambda t: t.generate_codes(["Hi.", "\ufeff \u2060"], **CV, max_new_frames=2), ValueError,
+     "text item 1 is empty: it holds only invisible characters (U+2060 WORD JOINER, U+FEFF ZERO WIDTH NO-BREAK"),
+    ("seed='abc'", "custom_voice", lambda t: t.generate_codes("Hi.", **CV, seed="abc", max_new_frames=2),
+     ValueError, "seed 'abc' is not an integer"),
+    ("stream(seed=1.5)", "custom_voice", lambda t: list(t.stream("Hi.", **CV, seed=1.5, max_new_frames=2)),
+     ValueError, "seed 1.5 is not an integer"),
+    ("seed=2**64", "custom_voice", lambda t: t.generate_codes("Hi.", **CV, seed=2**64, max_new_frames=2),
+     ValueError, "seed 18446744073709551616 is out of range: must be in [-2**63, 2**64)"),
+    ("ref_codes= with a code = codebook size", "base",
+     lambda t: t.generate_codes("Hi.", ref_codes=_codes(20, {(7, 3): 2048}), **ICL(t)), ValueError,
+     "ref_codes item 0, frame 7, codebook 3: code 2048 is out of range [0, 2048)"),
+    ("ref_codes= holding -1", "base",
+     lambda t: t.generate_codes("Hi.", ref_codes=_codes(20, {(19, 0): -1}), **ICL(t)), ValueError,
+     "ref_codes item 0, frame 19, codebook 0: code -1 is out of range [0, 2048)"),
+    ("ref_codes= of shape (20, 8)", "base",
+     lambda t: t.generate_codes("Hi.", ref_codes=_codes(20)[:, :8], **ICL(t)), ValueError,
+     "ref_codes (item 0): shape (20, 8) is not (frames, 16)"),
+    ("ref_codes= of 0 frames", "base", lambda t: t.generate_codes("Hi.", ref_codes=_codes(0), **ICL(t)), ValueError,
+     "ref_codes (item 0): 0 frames"),
+    ("ref_codes= as floats", "base",
+     lambda t: t.generate_codes("Hi.", ref_codes=_codes(20).float() + 0.5, **ICL(t)), ValueError,
+     "ref_codes (item 0): dtype torch.float32 is not an integer dtype"),
+    ("codec.decode() code = codebook size", "custom_voice",
+     lambda t: t.codec.decode([_codes(6, {(2, 5): 2048})]), ValueError,
+     "codes item 0, frame 2, codebook 5: code 2048 is out of range [0, 2048), or -1 for padding frames"),
+    ("codec.decode() code 70000 in the 2nd item", "custom_voice",
+     lambda t: t.codec.decode([_codes(6), _codes(4, {(3, 15): 70000})]), ValueError,
+     "codes item 1, frame 3, codebook 15: code 70000 is out of range"),
+    ("codec.decode() code -2", "custom_voice",
+     lambda t: t.codec.decode(_codes(6, {(1, 0): -2})), ValueError,
+     "codes item 0, frame 1, codebook 0: code -2 is out of range"),
+    ("codec.decode() -1 inside a valid frame", "custom_voice",
+     lambda t: t.codec.decode(_codes(6, {(4, 9): -1})[None]), ValueError,
+     "codes item 0, frame 4: codebook 9 is -1 (padding) but codebook 0 holds"),
+    ("codec.decode() a valid frame after -1 padding", "custom_voice",
+     lambda t: t.codec.decode(torch.cat([_codes(2), torch.full((1, 16), -1), _codes(3)])[None]), ValueError,
+     "codes item 0, frame 3: a valid frame after -1 padding at frame 2"),
+    ("codec.decode() codes of shape (6, 8)", "custom_voice", lambda t: t.codec.decode([_codes(6)[:, :8]]),
+     ValueError, "codes item 0: shape (6, 8) is not (frames, 16)"),
+    ("codec.decode_oneshot() code = codebook size", "custom_voice",
+     lambda t: t.codec.decode_oneshot(_codes(6, {(5, 1): 2048})), ValueError,
+     "codes item 0, frame 5, codebook 1: code 2048 is out of range [0, 2048)"),
+    ("codec.decoder.stream().push() code = codebook size", "custom_voice",
+     lambda t: t.codec.decoder.stream().push(_codes(3, {(0, 2): 4096})), ValueError,
+     "codes item 0, frame 0, codebook 2: code 4096 is out of range [0, 2048)"),
+    ("Qwen3TTS.decode() of a result with a code = codebook size", "custom_voice",
+     lambda t: t.decode(_result(_codes(4, {(1, 1): 2048}))), ValueError,
+     "codes item 0, frame 1, codebook 1: code 2048 is out of range [0, 2048)"),
+    ("Qwen3TTS.decode() of an ICL result whose reference holds 9999", "base",
+     lambda t: t.decode(_result(_codes(4), _codes(8, {(6, 0): 9999}))), ValueError,
+     "ref_codes item 0, frame 6, codebook 0: code 9999 is out of range [0, 2048)"),
 ]
 
 
@@ -102,6 +179,22 @@ def test_api_bad_input_is_one_line(case, variant, call, exc, fragment, checkpoin
     msg = one_line(e)
     assert fragment in msg, msg
     bad_input(case, f"one-line {type(e.value).__name__}", msg, SURFACE)
+
+
+def test_api_decode_of_padding_only_says_so(checkpoint_dir, bad_input):
+    """Upstream's decode() returns 0 samples for an item of -1 padding frames without a word: here it warns."""
+    tts = model(checkpoint_dir, "custom_voice")
+    with pytest.warns(UserWarning) as w:
+        wavs = tts.codec.decode(torch.full((1, 4, 16), -1))
+    msgs = [str(x.message) for x in w]
+    assert [len(x) for x in wavs] == [0] and msgs == ["codes item 0: all 4 frames are -1 padding, so its audio is "
+                                                     "empty (0 samples)"], msgs
+    bad_input("codec.decode() of all -1 codes", "handled: 0 samples, with a warning", msgs[0], SURFACE)
+    with pytest.warns(UserWarning) as w:  # a padded batch: the empty row is named, the other decodes
+        wavs = tts.codec.decode(torch.stack([_codes(3), torch.full((3, 16), -1)]))
+    assert [len(x) for x in wavs] == [3 * 1920, 0] and "codes item 1: all 3 frames are -1 padding" in str(w[0].message)
+    with pytest.warns(UserWarning, match="codes item 0: it has no frames"):
+        assert [len(x) for x in tts.codec.decode([_codes(0)])] == [0]
 
 
 def test_api_one_hz_reference_is_refused_fast(bad_input):

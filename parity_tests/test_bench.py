@@ -1,4 +1,5 @@
-"""``python -m impl bench`` (``impl/bench.py``, ``reference_export/upstream_bench.py``) and its report section
+"""``python -m reference_export bench`` (``reference_export/bench.py`` around ``impl/bench.py``, upstream timed by
+``reference_export/upstream_bench.py``), ``python -m impl bench`` (ours only) and the report section
 (``reports/perf.py``). A tiny smoke run checks the command end to end and the JSON layout; no timing is ever
 asserted (timings depend on the machine and its load), only what must hold on any machine: the static step's codes
 equal the eager loop's, and greedy fp32 codes equal upstream's.
@@ -11,7 +12,7 @@ import json
 import pytest
 
 from impl.__main__ import main as impl_main
-from impl.bench import main as bench_main
+from reference_export.bench import main as bench_main
 from reports.perf import performance_section
 
 
@@ -50,6 +51,8 @@ def test_smoke_run_writes_the_layout(checkpoint_dir, tmp_path, capsys):
     prov = data["provenance"]
     for key in ("cpu", "torch", "torch_threads", "dtype", "warmup", "repeats", "read_bandwidth_gbs", "git"):
         assert key in prov, key
+    assert prov["checkpoint"] == {"synthetic": True, "variant": "custom_voice", "preset": "tiny"}
+    assert "--model <path>" in prov["command"] and str(tmp_path) not in prov["command"], prov["command"]
     (run,) = data["runs"]
     assert (run["device"], run["dtype"], run["preset"], run["batch"], run["frames"]) == ("cpu", "float32", "tiny", 1, 3)
     for key in ("frames_per_s", "rtf", "first_audio_ms_chunk1", "peak_mem_gb", "x_read_floor"):
@@ -62,3 +65,17 @@ def test_smoke_run_writes_the_layout(checkpoint_dir, tmp_path, capsys):
     md = "\n".join(performance_section(tmp_path))
     assert "bench-cpu-tiny.json" in md and "| float32 |" in md
     assert "bench-cpu-broken.json`: unreadable" in md
+
+
+def test_recorded_bench_is_flagged_stale_and_shows_no_machine_path(tmp_path):
+    """A bench file gets the recorded sections' freshness check: a sha this repository does not know (or one before
+    the last change to the measured code) is flagged, and a recorded absolute path is shown as <path>."""
+    run = {"device": "cpu", "dtype": "float32", "preset": "tiny", "batch": 1, "frames": 3, "fast_mode": "eager",
+           "ours": {"frames_per_s": 1.0}, "upstream": {"frames_per_s": 1.0}, "ratios": {}}
+    prov = {"git": "0" * 40, "date_utc": "2026-01-01T00:00:00Z", "cpu": "x",
+            "command": "python -m impl bench --model /home/someone/ckpt --json /tmp/b.json"}
+    (tmp_path / "bench-cpu-tiny.json").write_text(json.dumps({"provenance": prov, "runs": [run]}))
+    md = "\n".join(performance_section(tmp_path))
+    assert "Possibly stale" in md and "is unknown here" in md, md
+    assert "/home/someone" not in md and "--model <path> --json <path>" in md, md
+    assert "checkpoint kind not recorded" in md

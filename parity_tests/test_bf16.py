@@ -1,5 +1,5 @@
 """bf16 on the session's device (CPU by default; CUDA with ``--device cuda``), judged three ways (issue 7, items 1
-and 5): every tap holds three tensors,
+and 5; issue 18, item 1): every tap holds three tensors,
 
 - the truth: upstream in float64 on CPU (``reference(case, variant, dtype="float64")``; upstream keeps its own
   fp32 islands there, far below bf16 noise),
@@ -8,9 +8,11 @@ and 5): every tap holds three tensors,
 - ours in bf16 on that device, run end to end on the same inputs as upstream's bf16 capture,
 
 and ``reports.compare.compare_three_way`` passes a tap only if ours sits within 2x upstream's own bf16 error of
-upstream bf16 (direct), within 3x of the truth (referee), and above the absolute SNR/cosine floor of
-``THREE_WAY_FLOORS["bfloat16"]`` (so a large upstream error cannot excuse a large one of ours). Integer taps (codes)
-are compared exactly with upstream bf16.
+upstream bf16 (direct), within 3x of the truth (referee), within the row's measured *mirror* bound of upstream bf16
+(far under 2x: ours runs upstream's op sequence, so on one device only a kernel's accumulation order may differ),
+and above the row's measured SNR/cosine floor (``helpers_bf16.BF16_ROW_BOUNDS``, tiny; other presets keep the
+generic ``THREE_WAY_FLOORS["bfloat16"]`` and no mirror bound). Integer taps (codes) are compared exactly with
+upstream bf16.
 
 Every run is end to end (no row is fed upstream's recorded input): the truth is then the same computation at full
 precision, and upstream's own error at a tap is the accumulated bf16 drift both bf16 sides share.
@@ -19,12 +21,23 @@ Rows: talker layer 0 (every LAYER0_ROWS row) and the last layer + final norm; th
 (MTP projection, layers, final norm, the 15 heads, the stacked logits; ``base``, the Linear projection); the codec
 decoder (quantizer, op and block outputs, pre-transformer, stage boundaries, waveform); the Mimi encoder (SEANet,
 transformer, quantizer inputs, codes); the speaker encoder (blocks, embedding, x-vector from the 24 kHz clip).
+
+On the CPU ours equals upstream bf16 bit for bit, which ``test_same_dtype_exact`` records; the three-way results of
+a component are then recorded as one folded row (each tap's direct difference is 0 there: a row per tap group would
+only repeat the exact row), still asserted row by row. On CUDA, and in the simulated CUDA judgement, each row is its
+own line.
+
+Simulated CUDA judgement: ``QWEN3TTS_BF16_JUDGE=cuda`` runs this file on the CPU as a CUDA run is judged: the exact
+rows skip, and ours runs through ``helpers_bf16.other_kernels`` (every bf16 Linear/Conv1d another correct kernel:
+fp32 accumulation in another order, the bias in the epilogue), the stand-in for CUDA's kernel differences.
+``test_mutations_bf16.py`` holds that judgement to catching the RMSNorm eps at 1e-4 and 1e-3.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -36,10 +49,21 @@ from impl.taps import recording, set_tap_paths
 from reference_export.cases.codec_decoder import OP_MODULES, D, decoder_blocks, pre_transformer_taps
 
 from .helpers import LAYER0_ROWS, build_talker, load_model, run_stack, teacher_run
+from .helpers_bf16 import (
+    JUDGE_ENV,
+    cosine_floor,
+    cp_rows,
+    encoder_rows,
+    judge_bf16_row,
+    last_layer_row,
+    other_kernels,
+    row_bounds,
+    simulated_cuda,
+    tap_glob,
+)
 from .helpers_codec import ENC, build_encoder, load_codec
-from .rows import Row, assert_row, compare_row, compare_row_three_way
+from .rows import Row, assert_row, compare_row
 
-PRECISION = "bfloat16"
 BF16 = torch.bfloat16
 
 
@@ -54,18 +78,38 @@ def _same_inputs(a, b) -> None:
                                                                          f"and {b.path.name}"
 
 
-def _judge(row: Row, got, ref16, truth, component: str, variant: str, record, notes: str = ""):
+FOLDED = ("on CPU ours equals upstream bf16 bit for bit (the exact row), so each tap's direct difference is 0; this "
+          "row holds every tap's three-way judgement, i.e. upstream's own error against the fp64 truth and the row's "
+          "floor; on CUDA each row is its own line")
+
+
+def _kernels():
+    """Ours' kernels: the regular ones, or under the simulated CUDA judgement another correct kernel order."""
+    return other_kernels() if simulated_cuda() else contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module")
+def bounds_preset(request, preset) -> str:
+    """The preset the per-row bounds are looked up for ("checkpoint" for a real checkpoint: none measured)."""
+    return "checkpoint" if request.config.getoption("--checkpoint") else preset
+
+
+def _judge(row: Row, got, ref16, truth, component: str, key: str, variant: str, record, preset: str,
+           notes: str = ""):
     dev = next(iter(got.values())).device.type  # where ours ran (cpu, or cuda under --device cuda)
-    results = compare_row_three_way(row, got, ref16, truth, PRECISION, f"{dev} bf16")
+    sim = simulated_cuda()
+    where = f"{dev} bf16" + (f", simulated CUDA ({JUDGE_ENV}=cuda: other kernel order, exact rows off)" if sim else "")
+    results = judge_bf16_row(row, got, ref16, truth, key, preset, where)
+    mirror_k, floors = row_bounds(key, row.name, preset)
+    bound = (f"mirror <= {mirror_k:g}x upstream's own error, floor {floors[0]:g} dB (measured on tiny)" if floors
+             else f"no bound measured for preset {preset}: generic three-way rule only")
+    folded = dev == "cpu" and not sim
+    name = "Every row, folded (bf16 three-way)" if folded else f"{row.name} (bf16 three-way)"
+    note = "; ".join(x for x in (notes, FOLDED if folded else f"{row.name}: {bound}") if x)
     for r in results:
-        record(r, row=f"{row.name} (bf16 three-way)", component=component, variant=variant, notes=notes)
+        record(r, row=name, component=component, variant=variant, notes=note)
     assert_row(row.name, results)
     return results
-
-
-def _taps(ref, *globs: str) -> tuple[str, ...]:
-    names = ref.meta["expected_taps"]
-    return tuple(n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs))
 
 
 # ------------------------------------------------------------------------------------------ talker
@@ -80,38 +124,27 @@ def talker_bf16(checkpoint_dir, reference, device):
     ref16 = reference("talker_stack", TALKER_VARIANT, dtype="bfloat16", device=device)
     truth = _truth(reference, "talker_stack", TALKER_VARIANT)
     _same_inputs(ref16, truth)
-    got = run_stack(build_talker(ckpt, device, BF16), ref16, device, "eager")
+    with _kernels():
+        got = run_stack(build_talker(ckpt, device, BF16), ref16, device, "eager")
     n = json.loads((ckpt / "config.json").read_text())["talker_config"]["num_hidden_layers"]
     return got, ref16, truth, n
 
 
 @pytest.mark.parametrize("row", LAYER0_ROWS, ids=[r.name for r in LAYER0_ROWS])
-def test_talker_layer0(row: Row, talker_bf16, record):
+def test_talker_layer0(row: Row, talker_bf16, record, bounds_preset):
     got, ref16, truth, _ = talker_bf16
-    _judge(row, got, ref16, truth, "Talker layer 0, bf16 three-way", TALKER_VARIANT, record)
+    _judge(row, got, ref16, truth, "Talker, bf16 three-way", "talker", TALKER_VARIANT, record, bounds_preset)
 
 
-def test_talker_last_layer(talker_bf16, record):
+def test_talker_last_layer(talker_bf16, record, bounds_preset):
     got, ref16, truth, n = talker_bf16
-    row = Row(f"Last layer ({n - 1}) and final norm", (f"talker.model.layers.{n - 1}:out", "talker.model.norm:out"),
-              "three_way")
-    _judge(row, got, ref16, truth, "Talker stack, bf16 three-way", TALKER_VARIANT, record)
+    _judge(last_layer_row(n), got, ref16, truth, "Talker, bf16 three-way", "talker", TALKER_VARIANT, record,
+           bounds_preset, notes=f"last layer = layer {n - 1}")
 
 
 # ------------------------------------------------------------------------------------------ code predictor
 
-CP = "talker.code_predictor"
 CP_VARIANT = "base"  # the Linear MTP projection (the 1.7B form), where a cast boundary can sit
-
-
-def cp_rows(ref) -> list[Row]:
-    return [
-        Row("MTP projection", (f"{CP}.small_to_mtp_projection:out",), "three_way"),
-        Row("Layers", _taps(ref, f"{CP}.model.layers.*"), "three_way"),
-        Row("Final norm", (f"{CP}.model.norm:out",), "three_way"),
-        Row("LM heads", _taps(ref, f"{CP}.lm_head.*"), "three_way"),
-        Row("Teacher logits", (f"{CP}:teacher_logits",), "three_way"),
-    ]
 
 
 CP_ROW_NAMES = ["MTP projection", "Layers", "Final norm", "LM heads", "Teacher logits"]
@@ -128,14 +161,16 @@ def cp_run(checkpoint_dir, reference, device: str = "cpu"):
 
 @pytest.fixture(scope="module")
 def cp_bf16(checkpoint_dir, reference, device):
-    return cp_run(checkpoint_dir, reference, device)
+    with _kernels():
+        return cp_run(checkpoint_dir, reference, device)
 
 
 @pytest.mark.parametrize("row_name", CP_ROW_NAMES)
-def test_code_predictor(row_name: str, cp_bf16, record):
+def test_code_predictor(row_name: str, cp_bf16, record, bounds_preset):
     got, ref16, truth = cp_bf16
     row = {r.name: r for r in cp_rows(ref16)}[row_name]
-    _judge(row, got, ref16, truth, "Code predictor, bf16 three-way", CP_VARIANT, record, notes="teacher-forced")
+    _judge(row, got, ref16, truth, "Code predictor, bf16 three-way", "code_predictor", CP_VARIANT, record,
+           bounds_preset, notes="teacher-forced")
 
 
 # ------------------------------------------------------------------------------------------ codec decoder
@@ -182,15 +217,16 @@ def decoder_run(checkpoint_dir, reference, device: str = "cpu"):
 
 @pytest.fixture(scope="module")
 def decoder_bf16(checkpoint_dir, reference, device):
-    return decoder_run(checkpoint_dir, reference, device)
+    with _kernels():
+        return decoder_run(checkpoint_dir, reference, device)
 
 
 @pytest.mark.parametrize("row_name", DECODER_ROW_NAMES)
-def test_codec_decoder(row_name: str, decoder_bf16, record):
+def test_codec_decoder(row_name: str, decoder_bf16, record, bounds_preset):
     got, ref16, truth, st_cfg = decoder_bf16
     row = {r.name: r for r in decoder_rows(st_cfg)}[row_name]
-    _judge(row, got, ref16, truth, "Codec decoder, bf16 three-way", CODEC_VARIANT, record,
-           notes="end to end from the codes")
+    _judge(row, got, ref16, truth, "Codec decoder, bf16 three-way", "codec_decoder", CODEC_VARIANT, record,
+           bounds_preset, notes="end to end from the codes")
 
 
 # ------------------------------------------------------------------------------------------ Mimi encoder
@@ -215,39 +251,53 @@ def encoder_run(checkpoint_dir, reference, device: str = "cpu"):
 
 @pytest.fixture(scope="module")
 def encoder_bf16(checkpoint_dir, reference, device):
-    return encoder_run(checkpoint_dir, reference, device)
-
-
-def encoder_rows(ref) -> list[Row]:
-    return [
-        Row("Mimi SEANet", _taps(ref, f"{ENC}.encoder.layers.*:out", f"{ENC}.encoder:out"), "three_way"),
-        Row("Mimi transformer", _taps(ref, f"{ENC}.encoder_transformer.layers.*"), "three_way"),
-        Row("Mimi quantizer inputs", _taps(ref, f"{ENC}.downsample:out", f"{ENC}.quantizer.*.input_proj:out"),
-            "three_way"),
-    ]
+    with _kernels():
+        return encoder_run(checkpoint_dir, reference, device)
 
 
 @pytest.mark.parametrize("row_name", ["Mimi SEANet", "Mimi transformer", "Mimi quantizer inputs"])
-def test_codec_encoder(row_name: str, encoder_bf16, record):
+def test_codec_encoder(row_name: str, encoder_bf16, record, bounds_preset):
     got, ref16, truth = encoder_bf16
     row = {r.name: r for r in encoder_rows(ref16)}[row_name]
-    _judge(row, got, ref16, truth, "Codec encoder, bf16 three-way", CODEC_VARIANT, record, notes="sdpa, from audio")
+    _judge(row, got, ref16, truth, "Codec encoder, bf16 three-way", "codec_encoder", CODEC_VARIANT, record,
+           bounds_preset, notes="sdpa, from audio")
 
 
-def test_codec_encoder_codes(encoder_bf16, record):
-    """Codes: exact against upstream bf16 (the truth's codes are another question: bf16 moves latents across
-    quantizer decision boundaries on both sides alike)."""
+# Codes where kernels may differ (CUDA, simulated CUDA): a latent within rounding of a quantizer decision boundary
+# goes either way, and the residual quantizers after it follow. Ours may differ from upstream bf16 in at most
+# CODES_MIRROR x the codes upstream bf16 itself changes against the fp64 truth. Measured on tiny (2 x 16 x 151
+# codes): upstream bf16 vs the truth 698 codes; ours under other_kernels() vs upstream bf16 225 (2 chunks) and 241
+# (4 chunks), at most 0.35x per tap (codes_0: 105-141 of 362; codes_1: 62-89 of 287); bound 1.5 x 0.35, rounded
+# up to 0.55.
+CODES_MIRROR = 0.55
+
+
+def test_codec_encoder_codes(encoder_bf16, record, device):
+    """Codes: on the CPU exact against upstream bf16 (the same kernels round the same way). Where kernels may differ
+    (CUDA, or the simulated CUDA judgement), the mirror rule of ``CODES_MIRROR`` against upstream's own changes."""
     from reports.compare import compare_exact
 
-    got, ref16, _ = encoder_bf16
-    results = [compare_exact(f"{ENC}.quantizer:codes", got[f"{ENC}.quantizer:codes"],
-                             ref16.tap(f"{ENC}.quantizer:codes"), axes=("batch", "codebook", "frame"))]
-    for i in range(2):
-        n = f"speech_tokenizer:codes_{i}"
-        results.append(compare_exact(n, got[n], ref16.tap(n), axes=("frame", "codebook")))
+    got, ref16, truth = encoder_bf16
+    axes = {f"{ENC}.quantizer:codes": ("batch", "codebook", "frame"), "speech_tokenizer:codes_0": ("frame", "codebook"),
+            "speech_tokenizer:codes_1": ("frame", "codebook")}
+    exact = device == "cpu" and not simulated_cuda()
+    results = []
+    for n, ax in axes.items():
+        r = compare_exact(n, got[n], ref16.tap(n), axes=ax)
+        if not exact and r.judged_by != "shape mismatch" and r.n:
+            t = truth.tap(n)
+            own = int((ref16.tap(n) != t).sum()) if t.shape == ref16.tap(n).shape else r.n
+            r.passed = r.n_mismatch <= CODES_MIRROR * own
+            r.judged_by = (f"codes where kernels differ: ours may change at most {CODES_MIRROR} x the codes upstream "
+                           f"bf16 changes against the fp64 truth")
+            r.extra = {"ours_vs_upstream_bf16": r.n_mismatch, "upstream_bf16_vs_truth": own}
+            r.message = (f"{n}: {r.n_mismatch}/{r.n} codes differ from upstream bf16 "
+                         f"({'within' if r.passed else 'ABOVE'} {CODES_MIRROR} x upstream's own {own} against the "
+                         f"fp64 truth)" + (f"; first at {r.first_diff}" if r.first_diff else ""))
+        results.append(r)
     for r in results:
         record(r, row="Mimi codes (bf16 vs upstream bf16)", component="Codec encoder, bf16 three-way",
-               variant=CODEC_VARIANT, notes="exact")
+               variant=CODEC_VARIANT, notes="exact" if exact else "mirror rule on code changes")
     assert_row("Mimi codes", results)
 
 
@@ -276,21 +326,23 @@ def speaker_run(checkpoint_dir, reference, device: str = "cpu"):
 
 @pytest.fixture(scope="module")
 def speaker_bf16(checkpoint_dir, reference, device):
-    return speaker_run(checkpoint_dir, reference, device)
+    with _kernels():
+        return speaker_run(checkpoint_dir, reference, device)
 
 
 def speaker_rows(ref) -> list[Row]:
     return [
-        Row("Speaker encoder blocks", _taps(ref, "speaker_encoder.*:out"), "three_way"),
+        Row("Speaker encoder blocks", tap_glob(ref, "speaker_encoder.*:out"), "three_way"),
         Row("x-vector", ("speaker_encoder:out", "speaker_encoder:xvector"), "three_way"),
     ]
 
 
 @pytest.mark.parametrize("row_name", ["Speaker encoder blocks", "x-vector"])
-def test_speaker_encoder(row_name: str, speaker_bf16, record):
+def test_speaker_encoder(row_name: str, speaker_bf16, record, bounds_preset):
     got, ref16, truth = speaker_bf16
     row = {r.name: r for r in speaker_rows(ref16)}[row_name]
-    _judge(row, got, ref16, truth, "Speaker encoder, bf16 three-way", "base", record)
+    _judge(row, got, ref16, truth, "Speaker encoder, bf16 three-way", "speaker_encoder", "base", record,
+           bounds_preset)
 
 
 # ------------------------------------------------------------------------------------------ bit for bit
@@ -306,9 +358,11 @@ def test_same_dtype_exact(component: str, request, record, device):
     CPU only: CUDA kernels differ between call sites."""
     if device != "cpu":
         pytest.skip(f"bit-for-bit bf16 is a CPU claim; on {device} the three-way rows above judge bf16")
+    if simulated_cuda():
+        pytest.skip(f"{JUDGE_ENV}=cuda: the simulated CUDA judgement runs without the exact rows, as on CUDA")
     if component == "Talker":
         got, ref16, _, n = request.getfixturevalue("talker_bf16")
-        taps = [t for r in LAYER0_ROWS for t in r.taps] + [f"talker.model.layers.{n - 1}:out", "talker.model.norm:out"]
+        taps = [t for r in LAYER0_ROWS for t in r.taps] + list(last_layer_row(n).taps)
         variant = TALKER_VARIANT
     elif component == "Code predictor":
         got, ref16, _ = request.getfixturevalue("cp_bf16")
@@ -331,3 +385,60 @@ def test_same_dtype_exact(component: str, request, record, device):
     for r in results:
         record(r, row=row.name, component=f"{component}, bf16 three-way", variant=variant, notes="bit for bit, CPU")
     assert_row(row.name, results)
+
+
+# ------------------------------------------------------------------------------------------ the judge itself
+
+
+def test_three_way_mirror_and_row_floor():
+    """The mirror bound and a row floor each turn a tap red on their own, with the failing judgement named."""
+    from reports.compare import compare_three_way
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(4096, generator=g, dtype=torch.float64)
+    up = truth + 1e-2 * torch.randn(4096, generator=g, dtype=torch.float64)  # upstream's own error: RMS ~1e-2
+    near = up + 5e-4 * torch.randn(4096, generator=g, dtype=torch.float64)  # 0.05x upstream's own error
+    far = up + 3e-3 * torch.randn(4096, generator=g, dtype=torch.float64)  # 0.3x: passes 2x, not a 0.1 mirror
+    assert compare_three_way("t", near, up, truth, mirror_k=0.1)
+    r = compare_three_way("t", far, up, truth, mirror_k=0.1)
+    assert not r and r.extra["ok"] == {"direct": True, "mirror": False, "referee": True, "absolute floor": True}
+    assert "FAILED on mirror" in r.message
+    assert compare_three_way("t", far, up, truth)  # the generic rule alone lets it through
+    snr = 10 * math.log10(float(truth.pow(2).sum() / (far - truth).pow(2).sum()))
+    hi = compare_three_way("t", far, up, truth, floors=(snr + 1, cosine_floor(snr + 1)))
+    assert not hi and hi.extra["ok"]["absolute floor"] is False and hi.extra["floor_source"] == "row"
+    assert compare_three_way("t", far, up, truth, floors=(snr - 1, cosine_floor(snr - 1)))
+
+
+def test_bounds_cover_every_row(talker_bf16, cp_bf16, decoder_bf16, encoder_bf16, speaker_bf16):
+    """Every bf16 row has its measured bounds under its exact name (a renamed row would otherwise lose them
+    silently), no bound is left for a row that no longer exists, and another preset gets none."""
+    from .helpers_bf16 import BF16_ROW_BOUNDS
+
+    rows = {("talker", r.name) for r in LAYER0_ROWS} | {("talker", last_layer_row(talker_bf16[3]).name)}
+    rows |= {("code_predictor", r.name) for r in cp_rows(cp_bf16[1])}
+    rows |= {("codec_decoder", r.name) for r in decoder_rows(decoder_bf16[3])}
+    rows |= {("codec_encoder", r.name) for r in encoder_rows(encoder_bf16[1])}
+    rows |= {("speaker_encoder", r.name) for r in speaker_rows(speaker_bf16[1])}
+    assert rows == set(BF16_ROW_BOUNDS), f"rows without bounds: {sorted(rows - set(BF16_ROW_BOUNDS))}; bounds " \
+                                         f"without a row: {sorted(set(BF16_ROW_BOUNDS) - rows)}"
+    assert row_bounds("talker", "RMS Norm", "0.6b") == (None, None)
+
+
+def test_other_kernels_touch_only_impl():
+    """The simulated-CUDA kernels replace impl's bf16 Linear (fp32 accumulation over reversed K halves, the bias
+    before the one rounding) and leave every other caller, upstream's capture included, on torch's own kernel."""
+    from impl.layers import Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(96, 40).to(BF16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=g))
+        lin.bias.copy_(torch.randn(40, generator=g))
+    x = torch.randn(3, 96, generator=g).to(BF16)
+    w, b = lin.weight, lin.bias
+    want = (x[:, 48:].float() @ w[:, 48:].float().T + x[:, :48].float() @ w[:, :48].float().T + b.float()).to(BF16)
+    plain = torch.nn.functional.linear(x, w, b)
+    with other_kernels(), torch.no_grad():
+        assert torch.equal(lin(x), want)
+        assert torch.equal(torch.nn.functional.linear(x, w, b), plain)  # this module is not impl: untouched

@@ -9,6 +9,10 @@ row runs on: greedy codes must be exactly equal in fp32 (the issue's "the fast p
   AOT functionalisation, which is what capturability needs, in seconds; inductor's C++ code generation takes
   minutes on a busy 2-core CPU, so the inductor run is ``-m slow``.
 - ``test_cudagraph_equals_eager``: the CUDA-graph path (``-m cuda``; skipped with a reason without CUDA).
+- ``test_fast_bf16_against_upstream``: the static step in bf16 judged against upstream bf16 by the bf16 generation
+  rule (``helpers_bf16.bf16_codes_results``), not only against our eager loop in fp32: the step attends over its
+  whole fixed capacity under a mask, and in bf16 a longer key axis can change the accumulation and flip a token
+  where the eager loop does not (another port shipped exactly that and looped forever).
 """
 
 from __future__ import annotations
@@ -27,8 +31,14 @@ from impl.generate import GenerationSettings, generate
 from impl.kv_cache import KVCache, StaticKVCache
 from impl.layers import SwiGLU, get_linear_kernel, onednn_available, set_linear_kernel
 from impl.prompt import build
+from reference_export.cases.lm import MODES, gen_case_name
 
-from .helpers import load_model  # shared helpers live in helpers.py; test files never import each other
+from .helpers import (  # test files never import each other
+    MODE_NAME,
+    load_model,
+    requests_from_ref,
+)
+from .helpers_bf16 import bf16_codes_results, bf16_run, divergence, divergence_note
 
 TEXTS = ["Hello there, this is a longer sentence for the batch.", "Hi.", "A medium length one here."]
 BUDGET = 24  # tokens: 23 frames at most; long enough for rows to stop at different frames
@@ -268,3 +278,36 @@ def test_onednn_linear_fast_equals_eager_and_compiles(checkpoint_dir):
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
     _assert_same(fast, eager, "linear='onednn', torch.compile(fullgraph=True, backend='aot_eager')")
     clear_decoders()
+
+
+# custom_voice (speaker ids) and ICL (reference codes in the prompt) by default; the other two modes are slow (~5 s
+# each on a busy 2-core CPU: bf16 matmuls on the CPU are slow).
+FAST_BF16_MODES = [pytest.param(m, id=m, marks=[] if m in ("custom_voice", "icl") else pytest.mark.slow) for m in MODES]
+
+
+@pytest.mark.parametrize("mode", FAST_BF16_MODES)
+def test_fast_bf16_against_upstream(mode: str, checkpoint_dir, reference, device, attn, record):
+    """The static decode step in bf16 (``fast="eager"``: the same step the compiled and CUDA-graph modes capture) on
+    the ``lm_gen_<mode>_stream`` case, judged by the bf16 generation rule against upstream bf16 and fp32 on the
+    same device; the notes also give where it parts from our eager bf16 loop (``bf16_run``'s cached run, which
+    ``test_generate_bf16.py`` reuses)."""
+    from impl.taps import recording
+
+    variant = MODES[mode][0]
+    ref16, ref32, eager, _, settings, eos = bf16_run(reference, checkpoint_dir, device, attn,
+                                                     gen_case_name(mode, False), variant)
+    tts = load_model(checkpoint_dir(variant), device, torch.bfloat16, attn)
+    with torch.inference_mode():
+        prompt = build(tts.talker, tts.config, requests_from_ref(ref16))
+        with recording(tts.talker, prefix="talker") as rec:
+            fast = generate(tts.talker, prompt, settings, None, fast="eager")
+    results = bf16_codes_results(fast, rec.records, ref16, ref32, settings, eos)
+    for i, r in enumerate(results):
+        d = divergence(fast.codes[i], eager.codes[i])
+        vs_eager = f"(frame {d[0]}, codebook {d[1]})" if d else "none"
+        record(r, row=f"Greedy codes {MODE_NAME[mode]}/{variant} (streaming text, bf16, static decode step)",
+               component="Generation, bf16", variant=variant,
+               notes=f"item {i}: {fast.codes[i].shape[0]} frames, stop={fast.stop_reason[i]}; fast='eager', attn "
+                     f"{attn}, on {device}; {divergence_note(r)}; fast vs our eager bf16 loop {vs_eager}")
+    clear_decoders()
+    assert all(results), " | ".join(r.message for r in results if not r)

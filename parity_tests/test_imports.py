@@ -44,3 +44,20 @@ def test_test_files_do_not_import_each_other():
                 if mod.split(".")[-1].startswith(("test_", "bench_")):
                     offenders.append(f"{f.name}: from {'.' * node.level}{mod}")
     assert not offenders, offenders
+
+
+HARNESS = ("reference_export", "reports", "parity_tests", "conftest", "h5py")
+
+
+def test_impl_imports_nothing_of_the_harness_not_even_lazily():
+    """``impl`` is the engine a user installs: no import of the harness anywhere in it, at module level or inside a
+    function (the bench's side-by-side driver lives in ``reference_export/bench.py`` for that reason)."""
+    import ast
+
+    offenders = []
+    for f in sorted((ROOT / "impl").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{f.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in HARNESS]
+    assert not offenders, offenders

@@ -1,30 +1,39 @@
-"""bf16-only mutations (issue 7, item 5): deliberate bugs that leave fp32 untouched must turn a bf16 row red.
+"""bf16-only mutations (issue 7, item 5; issue 18, item 1): deliberate bugs that leave fp32 untouched must turn a bf16
+row red, on the CPU and in the CUDA judgement set.
 
-Ours runs in bf16 on CPU against upstream in bf16 on CPU (and the fp64 truth, for the three-way rows of
-``test_bf16.py``). Each mutation names the row that must turn red and a row upstream of the bug that must stay
-green (so the red is the mutation's doing). Measured on tiny (direct = RMS(ours - upstream bf16) / upstream's own
-bf16 error; the three-way bar is 2):
+Ours runs in bf16 on CPU against upstream in bf16 on CPU and the fp64 truth. Two judgement sets:
 
-- ``rmsnorm-eps-1e-2`` (the audit's case; "Full Layer 0 (bf16)" passed the referee at 2.64): the talker's RMS Norm
-  three-way row goes red (input_layernorm direct 3.95, post_attention_layernorm 2.15; Full Layer 0 2.58).
-- ``rope-angles-in-bf16`` (cos/sin from bf16 positions x bf16 inv_freq): red on the Mimi encoder's RoPE three-way
-  row (302 positions: q/k after RoPE direct 10-16, SNR 16-18 dB, under the 20 dB floor too). On the talker's 24
-  positions the angles round little (direct 0.41 at q_rope): the three-way cannot see it there, the exact row can.
-- ``softmax-in-bf16`` (the softmax's arithmetic -- max subtraction, exp, sum, division -- in bf16): no three-way
-  row can see it (talker attn_probs direct 0.45; Mimi eager transformer ≤ 0.55; decoder pre-transformer ≤ 0.37):
-  upstream's logits are already bf16 when its fp32 softmax starts, so fp32 there only saves ~2 roundings. It is
-  red on the exact row (ours bf16 vs upstream bf16, bit for bit on CPU). ``torch.softmax`` on a bf16 tensor is no
-  bug at all on CPU: it accumulates in fp32 and rounds once, bit-identical to upstream (0 of every tap differs).
+- CPU: the exact ours == upstream bf16 rows (bit for bit on CPU) plus the three-way rows of ``test_bf16.py``.
+- CUDA (simulated on the CPU): what a CUDA run has, the three-way rows with their measured mirror bounds and floors
+  (``helpers_bf16.BF16_ROW_BOUNDS``) and no exact rows, with ours run through ``helpers_bf16.other_kernels`` (another
+  correct kernel order for every bf16 Linear/Conv1d, as CUDA kernels may differ from upstream's call). Before the
+  mirror bound and the per-row floors, only eps 1e-2 turned a CUDA-set row red (issue 18).
+
+Each mutation names the row that must turn red and a row upstream of the bug that must stay green (so the red is
+the mutation's doing). Measured on tiny (direct = RMS(ours - upstream bf16) / upstream's own bf16 error against
+the fp64 truth; the old three-way bar is 2, the mirror bars are 0.10-0.45 on the talker):
+
+- ``rmsnorm-eps`` (every talker RMSNorm; true 1e-6): RMS Norm row direct 0.17/0.57 at 1e-4, 0.67/0.76 at 1e-3,
+  3.95/2.15 at 1e-2 (input/post-attention norm; 1e-5: 0.02/0.24). ``test_smallest_caught`` records, per judgement,
+  the smallest eps of the sweep that it catches, in its row's notes.
+- ``rope-angles-in-bf16`` (cos/sin from bf16 positions x bf16 inv_freq): red on the Mimi encoder's three-way rows
+  (302 positions: q/k after RoPE direct 10-16, SNR 16-18 dB). On the talker's 24 positions the angles round little
+  (direct 0.41 at q_rope).
+- ``softmax-in-bf16`` (the softmax's arithmetic -- max subtraction, exp, sum, division -- in bf16): under the old
+  2x bar no three-way row saw it (talker attn_probs direct 0.45); the exact row and the mirror bound (0.10) do.
+  ``torch.softmax`` on a bf16 tensor is no bug at all on CPU: it accumulates in fp32 and rounds once,
+  bit-identical to upstream.
 - ``cp-residual-in-fp32`` (the code predictor's residual stream kept fp32 through a layer, cast to bf16 at the
-  layer output instead of after each residual add): three-way direct 0.7-0.8 (it makes ours *more* accurate);
-  red on the exact row. Other cast boundaries measured: the MTP projection in fp32 then cast (bit-identical to
-  upstream: the CPU bf16 GEMM accumulates in fp32 and rounds once), its product and bias rounded separately
-  (direct 0.96-1.06), the final norm and heads in fp32 (direct 0.27-0.35): none reaches 2x, all are exact-row red.
+  layer output instead of after each residual add): direct 0.7-0.8 (it makes ours *more* accurate); red on the
+  exact row and on the mirror bound (0.12).
+- ``norm-weight-in-fp32`` (RMSNorm multiplies its weight in fp32 and casts after, instead of casting first; also
+  ``test_talker_layer.py``): in the table only.
 """
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -35,12 +44,22 @@ from impl.model import Qwen3TTS
 from impl.taps import recording
 
 from .helpers import LAYER0_ROWS, build_talker, run_stack, teacher_run
+from .helpers_bf16 import (
+    BOUNDS_PRESET,
+    cp_rows,
+    encoder_rows,
+    judge_bf16_row,
+    judgements,
+    last_layer_row,
+    other_kernels,
+)
 from .helpers_codec import ENC, build_encoder
-from .rows import Row, compare_row, compare_row_three_way
+from .rows import Row, compare_row
 
 BF16 = torch.bfloat16
-ROW = {r.name: r for r in LAYER0_ROWS}
 CP = "talker.code_predictor"
+WHERE = "cpu bf16, simulated CUDA judgement (other kernel order, no exact rows)"
+EPS_SWEEP = (2e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2)  # the talker's RMSNorm eps; upstream's is 1e-6
 
 
 def _rope_angles_in_bf16(self, x: torch.Tensor, positions: torch.Tensor):
@@ -71,87 +90,186 @@ def _residual_in_fp32(self, x, cos, sin, mask, cache=None, layer=0):
     return (h + m.float()).to(x.dtype)
 
 
-def _worst_direct(results) -> str:
-    d = [r.extra.get("direct_ratio", 0.0) for r in results]
-    return f"three-way direct ratio at most {max(d):.2f} (bar 2)"
+def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
+    # The bug: the weight multiplied in fp32 and the product cast after (upstream casts back first, then multiplies)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (self.weight.float() * x32).to(x.dtype)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_only(preset, request):
+    if preset != BOUNDS_PRESET or request.config.getoption("--checkpoint"):
+        pytest.skip(f"the bf16 row bounds these mutations are judged by were measured on {BOUNDS_PRESET}")
+
+
+@dataclass
+class Run:
+    """One component run in bf16 under a mutation: ours with the regular kernels (the CPU set's exact rows) and
+    under ``other_kernels()`` (the CUDA set), upstream bf16, the fp64 truth and the component's bf16 rows."""
+
+    cpu: dict
+    cuda: dict
+    ref16: object
+    truth: object
+    rows: list[Row]
+    key: str  # the component in BF16_ROW_BOUNDS
+
+    def cuda_set(self) -> dict[str, list]:
+        return {r.name: judge_bf16_row(r, self.cuda, self.ref16, self.truth, self.key, BOUNDS_PRESET, WHERE)
+                for r in self.rows}
+
+    def exact_set(self) -> dict[str, list]:
+        return {r.name: compare_row(Row(r.name, r.taps, "exact"), self.cpu, self.ref16) for r in self.rows}
+
+    def caught(self) -> dict[str, bool]:
+        """Judgement -> whether any row of the component turned red there."""
+        out = {"exact (CPU)": not all(all(v) for v in self.exact_set().values())}
+        cuda = [r for v in self.cuda_set().values() for r in v]
+        out.update(judgements(cuda))
+        out["CUDA set"] = not all(cuda)
+        return out
+
+
+def _twice(run_once) -> tuple[dict, dict]:
+    cpu = run_once()
+    with other_kernels():
+        return cpu, run_once()
+
+
+def talker_run(checkpoint_dir, reference, eps: float | None = None) -> Run:
+    ref16 = reference("talker_stack", "custom_voice", dtype="bfloat16", device="cpu")
+    truth = reference("talker_stack", "custom_voice", dtype="float64", device="cpu")
+    ckpt = checkpoint_dir("custom_voice")
+
+    def once():
+        talker = build_talker(ckpt, "cpu", BF16)
+        if eps is not None:
+            for m in talker.modules():
+                if isinstance(m, layers.RMSNorm):
+                    m.eps = eps
+        return run_stack(talker, ref16, "cpu", "eager")
+
+    n = sum(1 for t in ref16.meta["expected_taps"] if t.startswith("talker.model.layers.") and t.endswith(":out")
+            and t.count(".") == 3)
+    return Run(*_twice(once), ref16, truth, [*LAYER0_ROWS, last_layer_row(n)], "talker")
+
+
+def encoder_run(checkpoint_dir, reference) -> Run:
+    ref16 = reference("codec_encoder", "base", device="cpu", codec_dtype="bfloat16")
+    truth = reference("codec_encoder", "base", dtype="float64", device="cpu")
+    enc = build_encoder(checkpoint_dir("base"), "cpu", BF16, attn=ref16.meta["attn"])
+
+    def once():
+        with recording(enc, ENC) as rec, torch.no_grad():
+            enc(ref16.input("audio").to(BF16), ref16.input("padding_mask"))
+        return {k: v[0] for k, v in rec.records.items()}
+
+    return Run(*_twice(once), ref16, truth, encoder_rows(ref16), "codec_encoder")
+
+
+def cp_run(checkpoint_dir, reference, mutate=None) -> Run:
+    ref16 = reference("lm_cp_teacher", "base", dtype="bfloat16", device="cpu")
+    truth = reference("lm_cp_teacher", "base", dtype="float64", device="cpu")
+    tts = Qwen3TTS.from_pretrained(checkpoint_dir("base"), device="cpu", dtype=BF16, attn="eager")  # fresh, uncached
+    if mutate:
+        mutate(tts)
+    return Run(*_twice(lambda: teacher_run(tts, ref16, BF16)), ref16, truth, cp_rows(ref16), "code_predictor")
+
+
+def _verdict(caught: dict[str, bool]) -> str:
+    return "caught by " + (", ".join(k for k, v in caught.items() if v) or "nothing")
+
+
+def _check(run: Run, red: str, green: str, record, name: str, variant: str, exact: bool = False) -> None:
+    """Row ``red`` of the CUDA set (and with ``exact`` of the CPU exact set) must turn red, row ``green`` stay green
+    in both; records the red rows as mutation rows."""
+    cuda, ex = run.cuda_set(), run.exact_set()
+    caught = run.caught()
+    for r in cuda[red]:
+        record(r, row=f"mutation {name} → {red} (bf16, CUDA judgement set)", component="Mutation self-test",
+               variant=variant, expect_fail=True, notes=f"{WHERE}; {_verdict(caught)}")
+    if exact:
+        for r in ex[red]:
+            record(r, row=f"mutation {name} → {red} (bf16 vs upstream bf16)", component="Mutation self-test",
+                   variant=variant, expect_fail=True, notes="exact, CPU")
+        assert not all(ex[red]), f"{name} left the exact bf16 {red} row green"
+    assert not all(cuda[red]), f"{name} left the CUDA-set bf16 {red} row green: " + \
+        "; ".join(r.message for r in cuda[red][:2])
+    assert all(cuda[green]) and all(ex[green]), f"{name}: the row before the bug, {green}, turned red too: " + \
+        " | ".join(r.message for r in cuda[green] + ex[green] if not r)
 
 
 @pytest.mark.mutation
-def test_rmsnorm_eps_1e2(checkpoint_dir, reference, record):
-    ref16 = reference("talker_stack", "custom_voice", dtype="bfloat16", device="cpu")
-    truth = reference("talker_stack", "custom_voice", dtype="float64", device="cpu")
-    talker = build_talker(checkpoint_dir("custom_voice"), "cpu", BF16)
-    for m in talker.modules():
-        if isinstance(m, layers.RMSNorm):
-            m.eps = 1e-2
-    got = run_stack(talker, ref16, "cpu", "eager")
-    red = compare_row_three_way(ROW["RMS Norm"], got, ref16, truth, "bfloat16", "cpu bf16")
-    green = compare_row_three_way(ROW["Text Projection"], got, ref16, truth, "bfloat16", "cpu bf16")
-    for r in red:
-        record(r, row="mutation rmsnorm-eps-1e-2 → RMS Norm (bf16 three-way)", component="Mutation self-test",
-               variant="custom_voice", expect_fail=True)
-    assert not all(red), "RMSNorm eps 1e-2 left the bf16 three-way RMS Norm row green: " + _worst_direct(red)
-    assert all(green), " | ".join(r.message for r in green if not r)
+@pytest.mark.parametrize("eps", [1e-4, 1e-3, 1e-2], ids=["1e-4", "1e-3", "1e-2"])
+def test_rmsnorm_eps(eps: float, checkpoint_dir, reference, record):
+    """The talker's RMSNorm eps (true 1e-6) at 1e-4, 1e-3 and 1e-2 turns the RMS Norm row red in the CUDA set."""
+    _check(talker_run(checkpoint_dir, reference, eps), "RMS Norm", "Text Projection", record, f"rmsnorm-eps-{_size(eps)}",
+           "custom_voice")
 
 
 @pytest.mark.mutation
 def test_rope_angles_in_bf16(checkpoint_dir, reference, monkeypatch, record):
-    ref16 = reference("codec_encoder", "base", device="cpu", codec_dtype="bfloat16")
-    truth = reference("codec_encoder", "base", dtype="float64", device="cpu")
     monkeypatch.setattr(layers.RotaryEmbedding, "forward", _rope_angles_in_bf16)
-    attn = ref16.meta["attn"]
-    enc = build_encoder(checkpoint_dir("base"), "cpu", BF16, attn=attn)
-    with recording(enc, ENC) as rec, torch.no_grad():
-        enc(ref16.input("audio").to(BF16), ref16.input("padding_mask"))
-    got = {k: v[0] for k, v in rec.records.items()}
-    n = enc.cfg.num_hidden_layers
-    L = f"{ENC}.encoder_transformer.layers"
-    rope = Row("Mimi RoPE", tuple(f"{L}.{i}.self_attn:{p}" for i in range(n) for p in ("q_rope", "k_rope")), "three_way")
-    before = Row("Mimi SEANet + first norm", (f"{ENC}.encoder:out", f"{L}.0.input_layernorm:out"), "three_way")
-    red = compare_row_three_way(rope, got, ref16, truth, "bfloat16", "cpu bf16")
-    green = compare_row_three_way(before, got, ref16, truth, "bfloat16", "cpu bf16")
-    for r in red:
-        record(r, row="mutation rope-angles-in-bf16 → Mimi RoPE (bf16 three-way)", component="Mutation self-test",
-               variant="base", expect_fail=True, notes="302 positions")
-    assert not all(red), "RoPE angles in bf16 left the Mimi RoPE three-way row green: " + _worst_direct(red)
-    assert all(green), " | ".join(r.message for r in green if not r)
+    _check(encoder_run(checkpoint_dir, reference), "Mimi transformer", "Mimi SEANet", record, "rope-angles-in-bf16",
+           "base")
 
 
 @pytest.mark.mutation
 def test_softmax_in_bf16(checkpoint_dir, reference, monkeypatch, record):
-    ref16 = reference("talker_stack", "custom_voice", dtype="bfloat16", device="cpu")
-    truth = reference("talker_stack", "custom_voice", dtype="float64", device="cpu")
     monkeypatch.setattr(layers, "F", _SoftmaxInBf16())
-    got = run_stack(build_talker(checkpoint_dir("custom_voice"), "cpu", BF16), ref16, "cpu", "eager")
-    probs = ROW["Attention (probabilities)"]
-    three = compare_row_three_way(probs, got, ref16, truth, "bfloat16", "cpu bf16")
-    red = compare_row(Row(probs.name, probs.taps, "exact"), got, ref16)
-    green = compare_row(Row("RoPE", ROW["RoPE"].taps, "exact"), got, ref16)
-    for r in red:
-        record(r, row="mutation softmax-in-bf16 → Attention (probabilities) (bf16 vs upstream bf16)",
-               component="Mutation self-test", variant="custom_voice", expect_fail=True,
-               notes="invisible to the three-way row: " + _worst_direct(three))
-    assert not all(red), "softmax arithmetic in bf16 left the exact bf16 attention row green"
-    assert all(green), " | ".join(r.message for r in green if not r)
+    _check(talker_run(checkpoint_dir, reference), "Attention (probabilities)", "RoPE", record, "softmax-in-bf16",
+           "custom_voice", exact=True)
+
+
+def _residual_mutation(tts) -> None:
+    for layer in tts.talker.code_predictor.model.layers:
+        layer.forward = types.MethodType(_residual_in_fp32, layer)
 
 
 @pytest.mark.mutation
 def test_code_predictor_cast_boundary(checkpoint_dir, reference, record):
-    ref16 = reference("lm_cp_teacher", "base", dtype="bfloat16", device="cpu")
-    truth = reference("lm_cp_teacher", "base", dtype="float64", device="cpu")
-    tts = Qwen3TTS.from_pretrained(checkpoint_dir("base"), device="cpu", dtype=BF16, attn="eager")  # fresh, uncached
-    for layer in tts.talker.code_predictor.model.layers:
-        layer.forward = types.MethodType(_residual_in_fp32, layer)
-    got = teacher_run(tts, ref16, BF16)
-    n = len(tts.talker.code_predictor.model.layers)
-    outs = tuple(f"{CP}.model.layers.{i}:out" for i in range(n)) + (f"{CP}:teacher_logits",)
-    three = compare_row_three_way(Row("Layers", outs, "three_way"), got, ref16, truth, "bfloat16", "cpu bf16")
-    red = compare_row(Row("Layers", outs, "exact"), got, ref16)
-    green = compare_row(Row("before the first residual add", (f"{CP}.small_to_mtp_projection:out",
-                                                              f"{CP}.model.layers.0.self_attn:out"), "exact"), got, ref16)
-    for r in red:
-        record(r, row="mutation cp-residual-in-fp32 → Code predictor layers (bf16 vs upstream bf16)",
-               component="Mutation self-test", variant="base", expect_fail=True,
-               notes="invisible to the three-way row: " + _worst_direct(three))
-    assert not all(red), "a residual cast boundary in the code predictor left the exact bf16 row green"
-    assert all(green), " | ".join(r.message for r in green if not r)
+    _check(cp_run(checkpoint_dir, reference, _residual_mutation), "Layers", "MTP projection", record,
+           "cp-residual-in-fp32", "base", exact=True)
+
+
+def _size(x: float) -> str:
+    """1e-4, 2e-6, 3e-3: the form the issue and the row names use."""
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+@pytest.mark.mutation
+def test_smallest_caught(checkpoint_dir, reference, monkeypatch, record):
+    """Per bf16 mutation and judgement, the smallest size caught (the RMSNorm eps over EPS_SWEEP; the others are
+    on/off): recorded in the notes of one row, so the table reaches VALIDATION.md. Asserts that the CUDA set
+    catches every mutation here and that the eps it catches includes 1e-4."""
+    sweep = {eps: talker_run(checkpoint_dir, reference, eps).caught() for eps in EPS_SWEEP}
+    runs: dict[str, dict[str, bool]] = {}
+    with monkeypatch.context() as m:
+        m.setattr(layers.RotaryEmbedding, "forward", _rope_angles_in_bf16)
+        runs["rope-angles-in-bf16 (Mimi encoder)"] = encoder_run(checkpoint_dir, reference).caught()
+    with monkeypatch.context() as m:
+        m.setattr(layers, "F", _SoftmaxInBf16())
+        runs["softmax-in-bf16 (talker)"] = talker_run(checkpoint_dir, reference).caught()
+    with monkeypatch.context() as m:
+        m.setattr(layers.RMSNorm, "forward", _norm_weight_in_fp32)
+        runs["norm-weight-in-fp32 (talker)"] = talker_run(checkpoint_dir, reference).caught()
+    runs["cp-residual-in-fp32 (code predictor)"] = cp_run(checkpoint_dir, reference, _residual_mutation).caught()
+
+    judges = list(next(iter(sweep.values())))
+    smallest = {j: next((_size(e) for e, c in sweep.items() if c[j]), "none") for j in judges}
+    parts = [f"rmsnorm-eps (true 1e-6; tried {', '.join(map(_size, EPS_SWEEP))}): "
+             + ", ".join(f"{j} {smallest[j]}" for j in judges)]
+    parts += [f"{name}: " + ", ".join(f"{j} {'yes' if c[j] else 'no'}" for j in judges) for name, c in runs.items()]
+    table = "smallest size caught per judgement (CUDA set = direct 2x, mirror, referee 3x, floor; simulated on " \
+            "CPU with other kernels): " + " | ".join(parts)
+    # Recorded as the CUDA set's RMS Norm row at the smallest eps that set catches (a red row, as a mutation's is)
+    first = next((e for e, c in sweep.items() if c["CUDA set"]), None)
+    assert first is not None and first <= 1e-4, f"the CUDA set catches no RMSNorm eps at or below 1e-4: {table}"
+    red = talker_run(checkpoint_dir, reference, first).cuda_set()
+    bad = [r for v in red.values() for r in v if not r]
+    for r in bad:
+        record(r, row=f"mutation sizes → smallest caught per bf16 judgement (eps {_size(first)} shown)",
+               component="Mutation self-test", variant="custom_voice", expect_fail=True, notes=table)
+    missed = [name for name, c in runs.items() if not c["CUDA set"]]
+    assert not missed, f"the CUDA set misses {missed}: {table}"

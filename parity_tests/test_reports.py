@@ -394,11 +394,14 @@ def test_load_names_the_key_at_fault(tmp_path):
 # ------------------------------------------------------------------------------ CUDA / bf16 runs (issue 7, item 8)
 
 
-def _device_run(device: str, dtype: str, red: bool = False) -> dict:
-    d = _results(max_diff=1.0 if red else 0.0)
+def _device_run(device: str, dtype: str, red: bool = False, cuda_skipped: bool = False) -> dict:
+    d = _results(max_diff=1.0 if red else 0.0, tests={"c": "skipped" if cuda_skipped else "passed"})
     d["provenance"].update(device=device, dtype=dtype, device_info={
         "gpu": "NVIDIA H200", "driver": "580.1", "cuda": "13.0", "cudnn": 91000, "torch": "2.11.0",
         "tf32_matmul": False, "tf32_cudnn": False})
+    d["marked"] = {"cuda": ["c"]}  # test "c" carries the cuda marker
+    if cuda_skipped:
+        d["skipped"] = {"c": "no CUDA device on this machine"}
     return d
 
 
@@ -435,3 +438,109 @@ def test_gate_judges_a_device_run_on_itself(tmp_path, capsys):
     bad = _write(tmp_path, _device_run("cuda", "float32", red=True), "results-cuda.json")
     assert gate(bad, base) == 1 and "red" in capsys.readouterr().out
     assert gate(ok, base, update=True) == 2  # a device run never becomes the CPU baseline
+
+
+# ------------------------------------------------------------------- issue 18 item 3: a gate that sees skips
+
+
+def test_a_cuda_run_whose_cuda_tests_all_skipped_never_renders_a_pass(tmp_path, capsys):
+    """Issue 18: a committed CUDA results file whose CUDA-marked tests all skipped rendered ✅ (its other rows
+    passed on the CPU). It shows "not shown" with the reason, its section says so, and its gate fails; a file
+    that does not record the marker lists (older harness) is not ✅ either."""
+    import re
+
+    skipped = _device_run("cuda", "float32", cuda_skipped=True)
+    md = render_markdown(_results(), extra=[("reports/results-cuda.json", skipped)])
+    section = md.split("## CUDA runs", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in section.splitlines() if x.startswith("| cuda float32"))
+    assert "✅" not in line and "not shown" in line and "all 1 'cuda'-marked tests skipped" in line, line
+    assert "no CUDA device on this machine" in line
+    assert "**⚠️ CUDA not shown:** all 1 'cuda'-marked tests skipped" in md
+    older = _device_run("cuda", "float32")
+    del older["marked"]
+    md = render_markdown(_results(), extra=[("reports/results-cuda.json", older)])
+    section = md.split("## CUDA runs", 1)[1].split("\n## ", 1)[0]
+    assert not re.search(r"cuda float32\s*\|\s*✅", section) and "does not record which tests carry" in section
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps(baseline_from(_run(_results()))))
+    assert gate(_write(tmp_path, skipped, "results-cuda.json"), base) == 1
+    assert "CUDA run: all 1 'cuda'-marked tests skipped" in capsys.readouterr().out
+
+
+def test_gate_fails_on_a_new_skip_and_update_records_the_expected_ones(tmp_path, capsys):
+    """Issue 18: the gate counted failed and errored tests only, so a test that started skipping kept CI green.
+    The baseline now lists the expected skips with their reasons (``--update``); a skip not in it is one line
+    naming the test; a baseline of the older format (no skip list) says to re-run --update."""
+    base = tmp_path / "baseline.json"
+    assert gate(_write(tmp_path, _results()), base, update=True) == 0
+    capsys.readouterr()
+    now = _results(tests={"c": "skipped"})
+    now["skipped"] = {"c": "the reference file is missing"}
+    res = _write(tmp_path, now)
+    assert gate(res, base) == 1
+    said = capsys.readouterr().out
+    assert "- test c skipped, not an expected skip in the baseline (reason: the reference file is missing)" in said
+    assert gate(res, base, update=True) == 0 and "1 expected skip(s)" in capsys.readouterr().out
+    assert json.loads(base.read_text())["skipped"] == {"c": "the reference file is missing"}
+    assert gate(res, base) == 0  # an expected skip, recorded by --update with its reason
+    old = json.loads(base.read_text())
+    del old["skipped"]
+    base.write_text(json.dumps(old))
+    assert gate(res, base) == 1
+    assert "the baseline lists no expected skips" in capsys.readouterr().out
+    assert check(_run(_results()), old) == [
+        "the baseline lists no expected skips (written before skips were gated): check this run's skipped tests, "
+        "then record them with `python -m reports gate --update`"]
+
+
+# -------------------------------------------------------------- issue 18 item 4: freshness paths and +dirty
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_change_to_the_tests_the_comparison_engine_or_the_collector_makes_a_section_stale(tmp_path):
+    """Issue 18: staleness watched impl/ and reference_export/ only; the tests that judge, reports/compare.py and
+    conftest.py decide a row's verdict too. The report formatting (reports/render.py) does not."""
+    repo = tmp_path / "repo"
+    for rel in ("impl/a.py", "parity_tests/test_a.py", "reports/compare.py", "reports/render.py", "conftest.py"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "one")
+    for rel, stale in (("reports/render.py", False), ("parity_tests/test_a.py", True), ("reports/compare.py", True),
+                       ("conftest.py", True)):
+        sha = _git(repo, "rev-parse", "HEAD")
+        (repo / rel).write_text("x = 2\n")
+        _git(repo, "commit", "-qam", f"edit {rel}")
+        f = freshness(sha, "d", repo)
+        assert bool(f.stale) == stale, (rel, f.stale)
+        if stale:
+            shown = "parity_tests/" if rel.startswith("parity_tests") else rel
+            assert f.stale.startswith(f"{shown} changed after it"), f.stale
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_provenance_sha_says_dirty_when_the_code_differs_from_head(tmp_path):
+    """Issue 18: the provenance sha had no "+dirty" even when the tree differed from the commit it names."""
+    from reference_export.export import git_sha
+    from reports.render import short_sha
+
+    repo = tmp_path / "repo"
+    (repo / "impl").mkdir(parents=True)
+    (repo / "impl" / "a.py").write_text("x = 1\n")
+    (repo / "README.md").write_text("r\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "one")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert git_sha(repo) == head
+    (repo / "README.md").write_text("edited\n")  # not code: the numbers are still the commit's
+    assert git_sha(repo) == head
+    (repo / "impl" / "new.py").write_text("y = 1\n")  # a new, untracked module
+    assert git_sha(repo) == head + "+dirty"
+    (repo / "impl" / "new.py").unlink()
+    (repo / "impl" / "a.py").write_text("x = 2\n")
+    assert git_sha(repo) == head + "+dirty"
+    assert short_sha(head + "+dirty") == head[:10] + "+dirty"
+    assert "unknown" not in freshness(head + "+dirty", "d", repo).stale  # the commit is still looked up
+    assert git_sha(tmp_path / "not-a-repo") == "unknown"

@@ -12,7 +12,8 @@ duration of the capture:
 - Mimi's attention is chosen at construction; ``transformers.models.mimi.modeling_mimi.apply_rotary_pos_emb``
   is wrapped to record q/k after RoPE.
 
-Hooks returning nothing do not change what upstream computes.
+Hooks returning nothing do not change what upstream computes. Recording is the harness's own
+(:mod:`reference_export.recorder`), never ``impl.taps``: the side under test and the reference share no recorder.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from impl.taps import Recorder, record_io
-
+from .recorder import Recorder
 from .upstream import import_upstream
 
 
 @contextlib.contextmanager
-def capture(roots: dict[str, nn.Module], include: tuple[str, ...] = ("*",), inputs: bool = False) -> Iterator[Recorder]:
+def capture(roots: dict[str, nn.Module], include: tuple[str, ...] = ("*",), inputs: bool = False,
+            rec: Recorder | None = None) -> Iterator[Recorder]:
+    """Hook ``roots`` for the ``with`` body; yield the recorder (``rec``, or a new in-memory one keeping
+    ``include``)."""
     up = import_upstream()
-    rec = Recorder(include=include)
+    rec = rec if rec is not None else Recorder(include=include)
     stack: list[str] = []
     handles = []
     for root, model in roots.items():
@@ -43,7 +46,7 @@ def capture(roots: dict[str, nn.Module], include: tuple[str, ...] = ("*",), inpu
 
             def post(m, args, out, _p=path):
                 stack.pop()
-                record_io(rec, _p, args, out, inputs)
+                rec.add_io(_p, args, out, inputs)
 
             handles.append(mod.register_forward_pre_hook(pre))
             handles.append(mod.register_forward_hook(post))
@@ -55,6 +58,7 @@ def capture(roots: dict[str, nn.Module], include: tuple[str, ...] = ("*",), inpu
 
         def step_hook(m, args):
             rec.step = calls[0]
+            rec.in_loop = True  # a request capture clears it when generation returns (codec decode follows)
             calls[0] += 1
 
         handles.append(roots["talker"].register_forward_pre_hook(step_hook))

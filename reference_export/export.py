@@ -51,12 +51,23 @@ class CaptureError(RuntimeError):
     pass
 
 
-def git_sha() -> str:
+# The code whose uncommitted change makes a provenance sha "+dirty": what reports.results.CODE_GLOBS hashes.
+CODE_PATHS = ("impl", "reference_export", "parity_tests", "reports/*.py", "conftest.py")
+
+
+def git_sha(root: str | Path | None = None) -> str:
+    """The harness's HEAD commit, with ``+dirty`` appended when the code in ``CODE_PATHS`` differs from it (a
+    tracked file changed, or a new file not ignored): numbers recorded then were not made by that commit alone.
+    One ``git status`` limited to those paths (milliseconds). "unknown" outside a git checkout."""
+    cwd = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=cwd).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], capture_output=True, text=True,
+                               check=True, cwd=cwd).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + ("+dirty" if dirty else "")
 
 
 def capture_case(case_name: str, checkpoint: str | Path, out: str | Path, *, device: str = "cpu",
@@ -103,5 +114,5 @@ def capture_case(case_name: str, checkpoint: str | Path, out: str | Path, *, dev
         "expected_taps": expected,
     }
     settings = {"description": case.description, "component": case.component, **case.settings}
-    return write_refs(out, meta=meta, case=settings, inputs=inputs, records=rec.records, steps=rec.steps,
+    return write_refs(out, meta=meta, case=settings, inputs=inputs, records=rec.records, steps=rec.step_of,
                       progress=progress)

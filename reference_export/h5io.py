@@ -20,7 +20,6 @@ partial file and never replaces a good one.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+
+from impl.outfile import atomic_path, check_free_space
 
 SCHEMA_VERSION = 1
 
@@ -71,6 +72,12 @@ def _attr(v: Any) -> Any:
     return v
 
 
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    return int(np.asarray(v).nbytes)
+
+
 def write_refs(path: str | Path, *, meta: dict[str, Any], case: dict[str, Any],
                inputs: dict[str, torch.Tensor | np.ndarray], records: dict[str, list[torch.Tensor]],
                steps: dict[str, list[int]] | None = None, progress: bool = True) -> Path:
@@ -79,41 +86,42 @@ def write_refs(path: str | Path, *, meta: dict[str, Any], case: dict[str, Any],
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     steps = steps or {}
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-            for k, v in meta.items():
-                f.attrs[k] = _attr(v)
-            g = f.create_group("case")
-            for k, v in case.items():
-                g.attrs[k] = _attr(v)
-            gi = f.create_group("inputs")
-            for k, v in inputs.items():
-                arr, dt = _to_numpy(v if isinstance(v, (np.ndarray, torch.Tensor)) else np.asarray(v))
-                ds = gi.create_dataset(k, data=arr)
-                ds.attrs["torch_dtype"] = dt
-            gt = f.create_group("taps")
-            # ``order``: position of the tap's first record in execution order (records keep insertion order),
-            # so a reader can name the first tap where two runs diverge.
-            for order, (name, tensors) in enumerate(tqdm(list(records.items()), desc=f"write {path.name}",
-                                                         disable=not progress, leave=False)):
-                module, point = name.rsplit(":", 1)
-                grp = gt.require_group(module)
-                st = steps.get(name, [0] * len(tensors))
-                if len(tensors) == 1:
-                    _write_tensor(grp, point, tensors[0], st[0]).attrs["order"] = order
-                else:
-                    sub = grp.create_group(point)
-                    sub.attrs["order"] = order
-                    for i, t in enumerate(tensors):
-                        _write_tensor(sub, f"step_{i:05d}", t, st[i])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # The size is known before the first byte: the tensors, + 4 kB per dataset of attributes and HDF5 structure. A
+    # full disk is refused here, not met halfway through the file.
+    arrays = [*inputs.values(), *(t for ts in records.values() for t in ts)]
+    check_free_space(path, sum(_nbytes(v) + 4096 for v in arrays) + 65536, "the reference file")
+    # Atomic (impl/outfile.py): a temporary file beside ``path``, renamed on success; on any failure (a full disk
+    # part-way, Ctrl-C, SIGTERM) it is removed and an old ``path`` is kept byte for byte. h5py's own multi-line
+    # OSError becomes one ``OutputError`` line naming ``path``.
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        for k, v in meta.items():
+            f.attrs[k] = _attr(v)
+        g = f.create_group("case")
+        for k, v in case.items():
+            g.attrs[k] = _attr(v)
+        gi = f.create_group("inputs")
+        for k, v in inputs.items():
+            arr, dt = _to_numpy(v if isinstance(v, (np.ndarray, torch.Tensor)) else np.asarray(v))
+            ds = gi.create_dataset(k, data=arr)
+            ds.attrs["torch_dtype"] = dt
+        gt = f.create_group("taps")
+        # ``order``: position of the tap's first record in execution order (records keep insertion order),
+        # so a reader can name the first tap where two runs diverge.
+        for order, (name, tensors) in enumerate(tqdm(list(records.items()), desc=f"write {path.name}",
+                                                     disable=not progress, leave=False)):
+            module, point = name.rsplit(":", 1)
+            grp = gt.require_group(module)
+            st = steps.get(name, [0] * len(tensors))
+            if len(tensors) == 1:
+                _write_tensor(grp, point, tensors[0], st[0]).attrs["order"] = order
+            else:
+                sub = grp.create_group(point)
+                sub.attrs["order"] = order
+                for i, t in enumerate(tensors):
+                    _write_tensor(sub, f"step_{i:05d}", t, st[i])
     return path
 
 

@@ -24,7 +24,7 @@ import fnmatch
 import hashlib
 import json
 import os
-import shutil
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +34,15 @@ import torch
 from safetensors.torch import save_file
 
 from impl.config import generation_config_dict, preset_config_dicts
+from impl.outfile import (
+    OutputError,
+    atomic_dir,
+    atomic_path,
+    check_folder,
+    check_free_space,
+    check_writable,
+    write_text,
+)
 
 from .upstream import import_upstream, upstream_config_dict
 
@@ -193,71 +202,89 @@ def _postprocess_codec(tok, seed: int, salt: str = "") -> float:
     return rms
 
 
-def _atomic_dir(out: Path, force: bool) -> Path:
-    if out.exists() and any(out.iterdir()) and not force:
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors (``SafetensorError: … (os error 28)``) are not
+    ``OSError``s: turned into one, so the atomic writer reports a full disk as a full disk."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None or isinstance(e, OSError):
+            raise
+        raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) from None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Before any work: ``out`` is a folder or a new name (not a file), empty unless ``force``, and its parent can
+    be written (made when missing). One line naming ``out`` otherwise."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file; --out names the checkpoint folder to write")
+    if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (use --force to replace it)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "speech_tokenizer").mkdir(parents=True)
-    return tmp
+    parent = Path(os.path.realpath(out)).parent
+    if parent.is_dir():
+        check_writable(parent, out)  # the new folder is built beside ``out``: that folder must take it
+    else:
+        check_folder(parent, create=True)  # made when missing (as before); a file in the way is one line
 
 
 def build_checkpoint(preset: str, variant: str, seed: int, out: str | Path, force: bool = False,
                      progress: bool = True) -> Path:
-    """Write a synthetic checkpoint folder for ``preset``/``variant`` under ``seed``; return its path."""
+    """Write a synthetic checkpoint folder for ``preset``/``variant`` under ``seed``; return its path.
+
+    The folder is built in a hidden temporary folder beside ``out`` and renamed into place when complete
+    (``impl.outfile.atomic_dir``): a failure — a full disk, Ctrl-C, SIGTERM — removes it and leaves an old ``out``
+    as it was."""
     from tqdm import tqdm
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg, st_cfg = preset_config_dicts(preset, variant)
     cfg = dict(cfg, transformers_version=TRANSFORMERS_VERSION)
     st_cfg = dict(st_cfg, transformers_version=TRANSFORMERS_VERSION)
-    tmp = _atomic_dir(out, force)
+    _check_out(out, force)
     steps = tqdm(total=5, desc=f"synth {preset}/{variant}", disable=not progress, leave=False)
     try:
-        up = import_upstream()
-        from transformers.modeling_utils import no_init_weights
+        with atomic_dir(out) as tmp:
+            (tmp / "speech_tokenizer").mkdir()
+            up = import_upstream()
+            from transformers.modeling_utils import no_init_weights
 
-        with no_init_weights():
-            model = up.M.Qwen3TTSForConditionalGeneration(up.Qwen3TTSConfig(**upstream_config_dict(cfg)))
-            tok = up.T.Qwen3TTSTokenizerV2Model(up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg)))
-        steps.update()
-        salt = variant_salt(preset, variant)
-        rules_used = fill(model, seed, salt=salt)
-        _postprocess_model(model, cfg)
-        steps.update()
-        rules_used.update(fill(tok, seed, prefix="speech_tokenizer.", salt=salt))
-        probe_rms = _postprocess_codec(tok.float().eval(), seed, salt)
-        steps.update()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        save_file({k: v.contiguous() for k, v in tok.state_dict().items()},
-                  str(tmp / "speech_tokenizer" / "model.safetensors"), metadata={"format": "pt"})
-        del model, tok
-        steps.update()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(), indent=2))
-        (tmp / "speech_tokenizer" / "config.json").write_text(json.dumps(st_cfg, indent=2))
-        (tmp / "speech_tokenizer" / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
-        from .tokenizer_files import write_text_tokenizer
+            with no_init_weights():
+                model = up.M.Qwen3TTSForConditionalGeneration(up.Qwen3TTSConfig(**upstream_config_dict(cfg)))
+                tok = up.T.Qwen3TTSTokenizerV2Model(up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg)))
+            steps.update()
+            salt = variant_salt(preset, variant)
+            rules_used = fill(model, seed, salt=salt)
+            _postprocess_model(model, cfg)
+            steps.update()
+            rules_used.update(fill(tok, seed, prefix="speech_tokenizer.", salt=salt))
+            probe_rms = _postprocess_codec(tok.float().eval(), seed, salt)
+            steps.update()
+            # The weights' size is known now: refuse a full disk before writing them (+ 16 MB: tokenizer files).
+            weights = sum(v.numel() * v.element_size() for m in (model, tok) for v in m.state_dict().values())
+            check_free_space(out, weights + 16_000_000, "the synthetic checkpoint")
+            for m, rel in ((model, "model.safetensors"), (tok, "speech_tokenizer/model.safetensors")):
+                with atomic_path(tmp / rel) as t:
+                    _save_file({k: v.contiguous() for k, v in m.state_dict().items()}, t)
+            del model, tok
+            steps.update()
+            write_text(tmp / "config.json", json.dumps(cfg, indent=2))
+            write_text(tmp / "generation_config.json", json.dumps(generation_config_dict(), indent=2))
+            write_text(tmp / "speech_tokenizer" / "config.json", json.dumps(st_cfg, indent=2))
+            write_text(tmp / "speech_tokenizer" / "preprocessor_config.json", json.dumps(PREPROCESSOR_CONFIG, indent=2))
+            from .tokenizer_files import write_text_tokenizer
 
-        tok_facts = write_text_tokenizer(tmp)
-        record = {
-            "preset": preset, "variant": variant, "seed": seed, "seed_salt": salt, "head_gain": HEAD_GAIN, "eos_row_gain": EOS_ROW_GAIN,
-            "decoder_out_rms": DECODER_OUT_RMS, "decoder_probe_rms_before": probe_rms, "text_tokenizer": tok_facts,
-            "rules": {r.pattern: r.why for r in RULES},
-            "rule_per_key": rules_used,
-        }
-        (tmp / "synth.json").write_text(json.dumps(record, indent=1))
-        (tmp / "SYNTHETIC.md").write_text(_readme(preset, variant, seed))
-        steps.update()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tok_facts = write_text_tokenizer(tmp)
+            record = {
+                "preset": preset, "variant": variant, "seed": seed, "seed_salt": salt, "head_gain": HEAD_GAIN,
+                "eos_row_gain": EOS_ROW_GAIN, "decoder_out_rms": DECODER_OUT_RMS,
+                "decoder_probe_rms_before": probe_rms, "text_tokenizer": tok_facts,
+                "rules": {r.pattern: r.why for r in RULES},
+                "rule_per_key": rules_used,
+            }
+            write_text(tmp / "synth.json", json.dumps(record, indent=1))
+            write_text(tmp / "SYNTHETIC.md", _readme(preset, variant, seed))
+            steps.update()
     finally:
         steps.close()
     return out
@@ -279,13 +306,25 @@ HASHED_FILES = ("config.json", "model.safetensors", "speech_tokenizer/config.jso
                 "speech_tokenizer/model.safetensors")
 
 
+def _sha_cache_file(folder: Path) -> Path:
+    """Where the per-file hashes of a checkpoint folder are kept: in the harness's own cache (``$QWEN3TTS_CACHE``,
+    default ``<repo>/.cache``), keyed by the folder's real path, never inside the folder (a real checkpoint may sit
+    in a shared, read-only model cache)."""
+    root = Path(os.environ.get("QWEN3TTS_CACHE") or Path(__file__).resolve().parent.parent / ".cache")
+    key = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:32]
+    return root / "checkpoint-sha256" / f"{key}.json"
+
+
 def checkpoint_sha256(folder: str | Path) -> str:
-    """sha256 over the configs and weights (the files both sides load). Cached per file by (size, mtime)."""
+    """sha256 over the configs and weights (the files both sides load). Cached per file by (size, mtime) in the
+    harness's cache (``_sha_cache_file``), so a changed file is hashed again."""
     folder = Path(folder)
-    cache_path = folder / ".harness-sha256.json"
+    cache_path = _sha_cache_file(folder)
     try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
         cache = {}
     total = hashlib.sha256()
     changed = False
@@ -298,7 +337,7 @@ def checkpoint_sha256(folder: str | Path) -> str:
         st = p.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         ent = cache.get(rel)
-        if ent and ent["stamp"] == stamp:
+        if isinstance(ent, dict) and ent.get("stamp") == stamp and isinstance(ent.get("sha256"), str):
             digest = ent["sha256"]
         else:
             h = hashlib.sha256()
@@ -311,9 +350,8 @@ def checkpoint_sha256(folder: str | Path) -> str:
         total.update(f"{rel}:{digest}\n".encode())
     if changed:
         try:
-            tmp = cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache))
-            tmp.rename(cache_path)
-        except OSError:
-            pass  # a read-only real checkpoint: just recompute next time
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(cache_path, json.dumps(cache))
+        except (OSError, OutputError):
+            pass  # a read-only cache: just hash again next time
     return total.hexdigest()

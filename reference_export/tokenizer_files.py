@@ -23,12 +23,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from impl.outfile import write_bytes, write_text
 
 # Bump when the conversion output changes, so stale caches are not reused.
 CONVERTER_VERSION = 1
@@ -173,18 +173,10 @@ def convert_ranks(tokens: list[bytes], progress: bool = True) -> tuple[dict[str,
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """UTF-8 ``text`` to ``path`` atomically (impl/outfile.py: temporary file beside it, fsync, rename; nothing left
+    behind on failure), making its folder first (the cache entry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 def _cached_vocab_and_merges(source: Path, cache_dir: Path, progress: bool) -> tuple[Path, Path, bool]:
@@ -251,8 +243,8 @@ def write_text_tokenizer(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(vocab_path, out_dir / "vocab.json")
-    shutil.copyfile(merges_path, out_dir / "merges.txt")
+    write_bytes(out_dir / "vocab.json", vocab_path.read_bytes())  # a few MB: atomic copies from the cache
+    write_bytes(out_dir / "merges.txt", merges_path.read_bytes())
     _atomic_write(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
 
     with open(merges_path, encoding="utf-8") as f:

@@ -1,7 +1,7 @@
-"""The upstream half of ``python -m impl bench``: upstream ``qwen-tts`` timed through its own public wrapper.
+"""The upstream half of ``python -m reference_export bench``: upstream ``qwen-tts`` timed through its own public wrapper.
 
 ``impl`` never imports ``qwen_tts`` or ``transformers``; the benchmark needs upstream in the same process (same
-folder, same text, same machine state), so ``impl.bench`` imports this module lazily and only when upstream is
+folder, same text, same machine state), so :mod:`reference_export.bench` imports this module lazily and only when upstream is
 measured. As the issue asks, upstream loads with ``Qwen3TTSModel.from_pretrained(folder, device_map=..., dtype=...)``
 and runs ``generate_custom_voice`` / ``generate_voice_design``; ``model.generate`` (talker + code predictor) is timed
 on its own through a thin wrapper around the bound method, separately from the codec decode that follows it.

@@ -8,6 +8,11 @@
     python -m reports compare OURS REF.h5 [--tier stack] [--override GLOB=TIER …] [--map FILE] [--out DIR]
                                                                    a port's activations (HDF5, safetensors, npz,
                                                                    .npy folder) vs a reference, tap by tap
+    python -m reports merge A.json B.json … --out results.json [--expect N]
+                                                                   the shards' results files (pytest --splits N
+                                                                   --group i) -> one run for render and gate
+    python -m reports durations RESULTS.json … [--out parity_tests/durations.json] [--keep]
+                                                                   refresh the per-test durations shards balance on
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from impl.outfile import OutputError, check_output
+
 from .gate import gate
-from .render import render
+from .render import check_outputs, render
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -83,7 +90,30 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=None, metavar="DIR",
                    help="write the per-port report: DIR/REPORT.md, DIR/error_growth.png, DIR/results.json")
     c.add_argument("--json", default=None, help="also write the results as JSON")
+    m = sub.add_parser("merge", help="merge the results files of a sharded run into one",
+                       description="Merge the results files of the shards of one run (pytest --splits N --group i) "
+                                   "into one results file. Refused (exit 2, one line): different code hashes or "
+                                   "runs, a test in two shards, a shard that failed to collect, a missing shard.")
+    m.add_argument("files", nargs="+", help="the shards' results files")
+    m.add_argument("--out", required=True, help="the merged results file to write")
+    m.add_argument("--expect", type=int, default=None, metavar="N",
+                   help="how many shards there must be (default: the --splits the shards record)")
+    u = sub.add_parser("durations", help="refresh the durations file that shards are balanced on",
+                       description="Write the durations file that shards are balanced on from the per-test durations (setup + call + "
+                                   "teardown) recorded in results files: a whole run, or all shards of one.")
+    u.add_argument("files", nargs="+", help="results files (e.g. reports/results.json)")
+    u.add_argument("--out", default=str(ROOT / "parity_tests" / "durations.json"),
+                   help="default parity_tests/durations.json (what pytest --splits reads by default)")
+    u.add_argument("--keep", action="store_true", help="keep the durations of tests these files did not run")
     a = p.parse_args(argv)
+    if a.cmd == "merge":
+        from .merge import main_merge
+
+        return main_merge(a.files, a.out, a.expect)
+    if a.cmd == "durations":
+        from .merge import main_durations
+
+        return main_durations(a.files, a.out, a.keep)
     if a.cmd == "compare":
         from .port_compare import main_compare
 
@@ -94,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.checkpoint:
             cmd += ["--checkpoint", a.checkpoint]
         cmd += a.pytest_args
+        try:  # the outputs first: a report that cannot be written is said before the suite runs, not after it
+            check_output(a.results)
+            check_outputs(Path(a.out))
+        except OutputError as e:
+            print(f"reports: {e}", file=sys.stderr)
+            return 2
         print("reports: " + " ".join(cmd[2:]), flush=True)
         results = Path(a.results)
         before = results.stat().st_mtime_ns if results.exists() else None
@@ -108,11 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # refused (e.g. a collection error: the run recorded nothing): say why, keep rc
             print(f"reports: not rendering: {e}")
             return rc or 2
+        except OutputError as e:
+            print(f"reports: {e}", file=sys.stderr)
+            return rc or 2
         for f in written:
             print(f"reports: wrote {f}")
         return rc
     if a.cmd == "render":
-        for f in render(Path(a.results), Path(a.out), _also(a.also), baseline=HERE / "baseline.json"):
+        try:
+            written = render(Path(a.results), Path(a.out), _also(a.also), baseline=HERE / "baseline.json")
+        except OutputError as e:  # an output that cannot be written (checked first) or a write that failed
+            print(f"reports: {e}", file=sys.stderr)
+            return 2
+        except SystemExit as e:  # render's one-line refusal of an input (stale, binary, empty …): exit 2
+            if not isinstance(e.code, str):
+                raise
+            print(f"reports: {e.code}", file=sys.stderr)
+            return 2
+        for f in written:
             print(f"reports: wrote {f}")
         return 0
     return gate(Path(a.results), Path(a.baseline), a.update, _also(a.also))

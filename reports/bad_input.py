@@ -27,7 +27,7 @@ def _cell(text: str, limit: int = MAX_MESSAGE) -> str:
 
 def bad_input_section(data: dict[str, Any]) -> list[str]:
     """Markdown lines for the section (empty when the results hold no bad-input cases and no such tests)."""
-    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict)]
+    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict) and not _is_fault(c)]
     tests = data.get("tests") or {}
     # The files that record bad-input cases (and every test_bad_input_* file, in case all of its tests failed).
     files = {str(c.get("nodeid", "")).split("::")[0] for c in cases} - {""}
@@ -47,12 +47,50 @@ def bad_input_section(data: dict[str, Any]) -> list[str]:
     if failed:
         lines += ["Failed bad-input tests (their cases are missing below):", ""]
         lines += [f"- `{t}`: {tests[t]}" for t in failed] + [""]
+    return lines + _table(cases)
+
+
+def _table(cases: list[dict]) -> list[str]:
     rows = [[_cell(c.get("surface", ""), 40), _cell(c.get("case", ""), 80), _cell(c.get("outcome", ""), 60),
              _cell(c.get("message", ""))]
             for c in sorted(cases, key=lambda c: str(c.get("surface", "")))]  # stable: test order kept
-    lines += [tabulate(rows, headers=["surface", "case", "outcome", "message (what the user sees)"],
-                       tablefmt="github"), ""]
-    return lines
+    return [tabulate(rows, headers=["surface", "case", "outcome", "message (what the user sees)"],
+                     tablefmt="github"), ""]
 
 
-__all__ = ["MIN_CASES", "bad_input_section"]
+# Fault cases (parity_tests/test_faults.py) are recorded through the same fixture with a surface "faults: <tool>":
+# a full disk, a read-only or missing folder, SIGINT/SIGTERM mid-write, two writers at once, for each writer.
+FAULT_PREFIX = "faults: "
+MIN_FAULT_CASES = 40
+
+
+def _is_fault(c: dict) -> bool:
+    return str(c.get("surface", "")).startswith(FAULT_PREFIX)
+
+
+def faults_section(data: dict[str, Any]) -> list[str]:
+    """The "Faults" section: what each file writer did under an injected fault (empty when none was recorded and
+    no fault test ran)."""
+    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict) and _is_fault(c)]
+    tests = data.get("tests") or {}
+    files = {str(c.get("nodeid", "")).split("::")[0] for c in cases} - {""}
+    failed = sorted(t for t, o in tests.items() if o not in ("passed", "skipped")
+                    and (t.split("::")[0] in files or "test_faults" in t))
+    if not cases and not failed:
+        return []
+    status = "✅" if len(cases) >= MIN_FAULT_CASES and not failed else "❌"
+    tools = sorted({str(c.get("surface", ""))[len(FAULT_PREFIX):] for c in cases})
+    lines = ["## Faults", "",
+             f"{status} {len(cases)} fault cases checked (at least {MIN_FAULT_CASES} expected) on {len(tools)} "
+             f"writers ({', '.join(f'`{t}`' for t in tools)}): each injected a fault (a full filesystem, a "
+             "read-only or missing folder, SIGINT or SIGTERM while the file was being written, two writers at "
+             "once) or handed the tool a damaged file (binary results, NaN rows, a huge step number), asserted what "
+             "the user sees (one line naming the path, or the handled outcome) and, where a file was there before, "
+             "that it is byte-identical afterwards with no temporary file left, before recording it here.", ""]
+    if failed:
+        lines += ["Failed fault tests (their cases are missing below):", ""]
+        lines += [f"- `{t}`: {tests[t]}" for t in failed] + [""]
+    return lines + _table(cases)
+
+
+__all__ = ["FAULT_PREFIX", "MIN_CASES", "MIN_FAULT_CASES", "bad_input_section", "faults_section"]

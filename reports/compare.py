@@ -37,17 +37,23 @@ TIERS: dict[str, Tier] = {
     "block": Tier("block", rtol=1e-5, atol=1e-5, doc="one layer/block in fp32"),
     "stack": Tier("stack", rtol=1e-4, atol=1e-4, nmse=1e-8,
                   doc="many layers, whole components, waveforms in fp32 (+ NMSE ≤ 1e-8)"),
+    # WEAK for bf16 (issue 18, item 5): a relative bar only, no same-device comparison and no floor. Measured on
+    # tiny: the talker's RMSNorm eps at 1e-2 (true 1e-6) passes it ("Full Layer 0" at 2.64 x upstream's error).
+    # The bf16 rows that judge are the three-way rows (test_bf16.py); the older rows on this tier say "weak".
     "referee": Tier("referee", kind="referee", referee_k=3.0, referee_floor=1e-6,
-                    doc="bf16/kernels/CUDA: our RMS error vs upstream fp32 ≤ 3 × upstream's own RMS error "
-                        "in that precision vs its fp32, + 1e-6"),
+                    doc="WEAK (passes an RMSNorm eps of 1e-2 in bf16): our RMS error vs upstream fp32 ≤ 3 × "
+                        "upstream's own RMS error in that precision vs its fp32, + 1e-6; the bf16 judgement is the "
+                        "three_way tier"),
     "fp64": Tier("fp64", rtol=1e-9, atol=1e-10,
                  doc="both sides in float64 on CPU (upstream's own fp32 islands, RMSNorm statistics, RoPE angles, "
                      "eager softmax, kept on both sides): fp64 rounding is ~1e-16 per op, so a formula difference "
                      "as small as an eps typo (1e-5 for 1e-6) stands orders of magnitude above it"),
     "three_way": Tier("three_way", kind="three_way", referee_k=3.0, referee_floor=1e-6, direct_k=2.0,
                       doc="CUDA or bf16: ours and upstream on the same device/dtype, both measured against the "
-                          "truth (upstream fp32 on CPU): ours vs upstream-on-device RMS ≤ 2 × upstream's own RMS "
-                          "error, ours vs truth ≤ 3 × it (+1e-6 each), and an absolute SNR/cosine floor"),
+                          "truth (upstream float64 on CPU for bf16 rows; upstream fp32 on CPU for the CUDA fp32/TF32 "
+                          "rows): ours vs upstream-on-device RMS ≤ 2 × upstream's own RMS error, ours vs truth ≤ 3 × "
+                          "it (+1e-6 each), an absolute SNR/cosine floor (per row where measured), and where ours "
+                          "runs upstream's op sequence a per-row mirror bound far under 2 ×"),
     "functional": Tier("functional", kind="functional",
                        doc="sampled generation: EOS behaviour, code ranges, lengths, no NaN"),
 }
@@ -229,6 +235,8 @@ def compare_exact(name: str, got: torch.Tensor, ref: torch.Tensor, axes: tuple[s
 # RoPE: 16-18 dB) falls below it. The cosine floor is the one 20 dB of uncorrelated error gives (1/sqrt(1.01)).
 # TF32 keeps 11 bits: 40 dB. fp32 with TF32 off: 80 dB (in the first H200 run the CUDA fp32 layer-0 rows were within
 # 2e-6 of CPU on values of order 1, i.e. roughly 110 dB or more; not yet measured as a three-way row).
+# These are the fallback: where a row's healthy SNR was measured (bf16 on tiny, parity_tests/helpers_bf16.py
+# BF16_ROW_BOUNDS), the caller passes that row's own floor (measured minus a written margin) as ``floors``.
 THREE_WAY_FLOORS: dict[str, tuple[float, float]] = {
     "float32": (80.0, 0.99999999), "tf32": (40.0, 0.9999), "bfloat16": (20.0, 0.995),
 }
@@ -239,16 +247,22 @@ def _rms(x: torch.Tensor) -> float:
 
 
 def compare_three_way(name: str, ours: torch.Tensor, up_dev: torch.Tensor, truth: torch.Tensor,
-                      precision: str = "bfloat16", where: str = "") -> CompareResult:
+                      precision: str = "bfloat16", where: str = "", mirror_k: float | None = None,
+                      floors: tuple[float, float] | None = None) -> CompareResult:
     """A CUDA/bf16 row: ``ours`` and ``up_dev`` (upstream on the same device and dtype) against ``truth``
-    (upstream fp32 on CPU, or fp64).
+    (upstream float64 on CPU for the bf16 rows; upstream fp32 on CPU for the CUDA fp32/TF32 rows).
 
-    Passes when all three hold, each with its number in ``extra``:
+    Passes when all hold, each with its number in ``extra``:
 
     - direct: RMS(ours − up_dev) ≤ ``direct_k`` × RMS(up_dev − truth) + floor: ours sits within upstream's own
       rounding noise of upstream on the device (two independent roundings of the same size give √2 ≈ 1.4);
+    - mirror (only with ``mirror_k``): RMS(ours − up_dev) ≤ ``mirror_k`` × RMS(up_dev − truth) + floor. Where ours
+      runs upstream's op sequence on the same device, the two differ only where a kernel accumulates in another
+      order, far less than upstream's own error; the caller passes a per-row bound measured for that (a formula
+      bug far under upstream's own error, such as a wrong RMSNorm eps, stands above it);
     - referee: RMS(ours − truth) ≤ ``referee_k`` × RMS(up_dev − truth) + floor;
-    - absolute: SNR and cosine of ours against the truth reach ``THREE_WAY_FLOORS[precision]``.
+    - absolute: SNR and cosine of ours against the truth reach ``floors`` (the row's measured floor) or, without
+      it, ``THREE_WAY_FLOORS[precision]``.
 
     The metric fields (max_abs, NMSE, …) are ours against upstream on the device. ``where`` names that device and
     dtype in the message (e.g. "cuda bf16").
@@ -274,21 +288,28 @@ def compare_three_way(name: str, ours: torch.Tensor, up_dev: torch.Tensor, truth
     snr = 10 * math.log10(sig / err) if err > 0 and sig > 0 else math.inf
     nt, no = float(truth.norm()), float(ours.norm())
     cos = float((ours.flatten() @ truth.flatten()) / (nt * no)) if nt > 0 and no > 0 else float(nt == no)
-    snr_min, cos_min = THREE_WAY_FLOORS[precision]
+    snr_min, cos_min = floors if floors is not None else THREE_WAY_FLOORS[precision]
     bar_direct = tier.direct_k * e_up + tier.referee_floor
     bar_ref = tier.referee_k * e_up + tier.referee_floor
+    bar_mirror = mirror_k * e_up + tier.referee_floor if mirror_k is not None else math.inf
     ok_direct, ok_ref, ok_abs = direct <= bar_direct, e_ours <= bar_ref, snr >= snr_min and cos >= cos_min
-    r.passed = ok_direct and ok_ref and ok_abs
+    ok_mirror = direct <= bar_mirror
+    r.passed = ok_direct and ok_mirror and ok_ref and ok_abs
     r.extra = {"precision": precision, "upstream_rms_err": e_up, "ours_rms_err": e_ours, "direct_rms": direct,
                "bar_direct": bar_direct, "bar_referee": bar_ref,
                "ratio": e_ours / e_up if e_up > 0 else (0.0 if e_ours == 0 else math.inf),
                "direct_ratio": direct / e_up if e_up > 0 else (0.0 if direct == 0 else math.inf),
-               "snr_vs_truth_db": snr, "cosine_vs_truth": cos, "snr_floor_db": snr_min, "cosine_floor": cos_min}
+               "snr_vs_truth_db": snr, "cosine_vs_truth": cos, "snr_floor_db": snr_min, "cosine_floor": cos_min,
+               "floor_source": "row" if floors is not None else "precision",
+               "ok": {"direct": ok_direct, "mirror": ok_mirror, "referee": ok_ref, "absolute floor": ok_abs}}
+    if mirror_k is not None:
+        r.extra.update(mirror_k=mirror_k, bar_mirror=bar_mirror)
     on = f" ({where})" if where else ""
     verdict = "ok" if r.passed else "FAILED"
-    fails = [w for w, ok in (("direct", ok_direct), ("referee", ok_ref), ("absolute floor", ok_abs)) if not ok]
+    fails = [w for w, ok in r.extra["ok"].items() if not ok]
+    mirror = f", mirror bar {bar_mirror:.3g} (= {mirror_k:g} × upstream's own)" if mirror_k is not None else ""
     r.message = (f"{name}: three-way{on} {verdict}{' on ' + ', '.join(fails) if fails else ''}: ours vs upstream "
-                 f"{direct:.3g} RMS (bar {bar_direct:.3g}); ours vs truth {e_ours:.3g} RMS (bar {bar_ref:.3g}, "
-                 f"upstream's own {e_up:.3g}); SNR {snr:.1f} dB (floor {snr_min:g}), cosine {cos:.8f} "
-                 f"(floor {cos_min:g})")
+                 f"{direct:.3g} RMS (bar {bar_direct:.3g}{mirror}); ours vs truth {e_ours:.3g} RMS (bar "
+                 f"{bar_ref:.3g}, upstream's own {e_up:.3g}); SNR {snr:.1f} dB (floor {snr_min:g}), cosine "
+                 f"{cos:.8f} (floor {cos_min:g})")
     return r

@@ -1,5 +1,5 @@
 """The "Performance" section of VALIDATION.md: the last recorded ``reports/bench-<device>-<preset>.json`` files
-(written by ``python -m impl bench``), shown as recorded, with their provenance. Nothing here re-runs or judges a
+(written by ``python -m reference_export bench``), shown as recorded, with their provenance. Nothing here re-runs or judges a
 timing: speed is measured, never asserted. A file or run that cannot be read is shown as such, in one line naming
 the file and the key at fault, never skipped silently.
 """
@@ -7,10 +7,13 @@ the file and the key at fault, never skipped silently.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
+
+from .results import freshness
 
 REPORTS = Path(__file__).resolve().parent
 
@@ -25,16 +28,46 @@ def _fmt(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
+# An absolute path in a recorded command is the measuring machine's own folder: shown as <path> (the report is read
+# on other machines, and the folder's name says nothing the checkpoint line does not).
+_ABS_PATH = re.compile(r"(?<![\w.<])/[^\s'\"]+")
+
+
+def shown_command(cmd: str) -> str:
+    return _ABS_PATH.sub("<path>", cmd)
+
+
+def _checkpoint_words(p: dict[str, Any]) -> str:
+    """What the benchmark ran on: a synthetic checkpoint (random weights, released layout) or real weights. Older
+    files did not record it."""
+    ck = p.get("checkpoint")
+    if not isinstance(ck, dict):
+        return "checkpoint kind not recorded"
+    if ck.get("synthetic"):
+        return f"synthetic checkpoint (random weights, {ck.get('preset', '?')} {ck.get('variant', '?')} layout)"
+    return f"real checkpoint ({ck.get('variant', '?')})"
+
+
+def _stale_line(p: dict[str, Any], root: Path | None) -> str:
+    """The freshness check the recorded sections get: flagged when the measured code changed after the sha."""
+    sha = str(p.get("git") or "").removesuffix("+dirty")
+    f = freshness(sha, str(p.get("date_utc", "")), **({"root": root} if root else {}))
+    dirty = " (measured on a tree with uncommitted changes)" if str(p.get("git") or "").endswith("+dirty") else ""
+    if f.stale:
+        return f"  - **⚠️ Possibly stale:** measured at `{sha[:10] or '?'}`{dirty}, but {f.stale}"
+    return f"  - measured at the code in this tree{dirty}" if dirty else ""
+
+
 def _provenance_line(p: dict[str, Any]) -> str:
     hw = p.get("gpu") or p.get("cpu", "?")
     sha = str(p.get("git") or "?")
     sha = sha[:10] + ("+dirty" if sha.endswith("+dirty") else "")
-    bits = [f"measured {p.get('date_utc', '?')} at `{sha}`", f"{hw}",
+    bits = [f"measured {p.get('date_utc', '?')} at `{sha}`", _checkpoint_words(p), f"{hw}",
             f"{p.get('torch_threads', '?')} torch threads (load average {_fmt(p.get('load_average_1m'))})",
             f"torch {p.get('torch', '?')}", f"qwen-tts {p.get('qwen_tts', '?')}",
             f"warm-up {p.get('warmup', '?')}, median of {p.get('repeats', '?')}",
             f"read bandwidth {_fmt(p.get('read_bandwidth_gbs'))} GB/s"]
-    return "- " + "; ".join(bits) + f"; `{p.get('command', '?')}`"
+    return "- " + "; ".join(bits) + f"; `{shown_command(str(p.get('command', '?')))}`"
 
 
 def _row(r: dict[str, Any]) -> list[str]:
@@ -56,13 +89,13 @@ HEADERS = ["dtype", "batch", "frames", "static step", "ours frames/s", "ours eag
            "codes = upstream", "static = eager loop"]
 
 
-def performance_section(folder: Path | None = None) -> list[str]:
+def performance_section(folder: Path | None = None, root: Path | None = None) -> list[str]:
     """Markdown lines for every ``bench-*.json`` in ``folder`` (default: ``reports/``); none when there are none."""
     files = sorted((folder or REPORTS).glob("bench-*.json"))
     if not files:
         return []
     lines = ["## Performance (recorded benchmarks)", "",
-             "Recorded by `python -m impl bench` (or `./run.sh bench`), shown as recorded and not re-run here; "
+             "Recorded by `python -m reference_export bench` (or `./run.sh bench`), shown as recorded and not re-run here; "
              "timings are never asserted by a test. *frames/s* is aggregate over the batch (greedy, both sides the "
              "same folder, text and settings); *RTF* is compute seconds per second of audio (12.5 frames/s; below 1 "
              "is faster than real time); *first audio* is prompt + prefill + the chunk's frames + its codec decode; "
@@ -88,7 +121,12 @@ def performance_section(folder: Path | None = None) -> list[str]:
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             lines += [f"- ⚠️ `{f.name}`: unreadable ({type(e).__name__}: {e}); not shown", ""]
             continue
-        lines += [_provenance_line(p) for p in provs] + [""]
+        for p in provs:
+            lines.append(_provenance_line(p))
+            stale = _stale_line(p, root)
+            if stale:
+                lines.append(stale)
+        lines.append("")
         if rows:
             lines += [tabulate(rows, headers=HEADERS, tablefmt="github"), ""]
         else:

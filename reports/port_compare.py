@@ -241,24 +241,36 @@ def print_check(c: PortCheck, out=None) -> None:
 def main_compare(ours: str, ref: str, default_tier: str, overrides: list[str], out: str | None,
                  map_file: str | None = None, out_dir: str | None = None, only: list[str] | None = None) -> int:
     """``reports compare``: print the table and verdict; 0 pass, 1 fail, 2 bad input (one line on stderr)."""
+    from impl.outfile import OutputError, check_folder_can_be_made, check_output, write_text
+
     try:
         if default_tier not in PORT_TIERS:
             raise PortInputError(f"--tier {default_tier!r} is not one of {', '.join(PORT_TIERS)}")
+        # The outputs before any work: --json a writable file, --out a folder (made when the report is written) that
+        # is not a file.
+        if out:
+            check_output(out)
+        if out_dir:
+            check_folder_can_be_made(out_dir)
         c = check_port(ours, ref, default_tier, _parse_overrides(overrides), map_file, only)
-    except PortInputError as e:
+    except (PortInputError, OutputError) as e:
         print(f"reports compare: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that opened but failed mid-read (h5py, numpy): still one line, naming it
         print(f"reports compare: {getattr(e, 'filename', None) or ours}: read error ({e})", file=sys.stderr)
         return 2
     print_check(c)
-    if out:
-        Path(out).write_text(json.dumps(_to_json(c), indent=1))
-    if out_dir:
-        from .port_report import write_report
+    try:  # atomic writes (impl/outfile.py): a full disk keeps the old files byte for byte, one line, exit 2
+        if out:
+            write_text(out, json.dumps(_to_json(c), indent=1))
+        if out_dir:
+            from .port_report import write_report
 
-        for f in write_report(c, Path(out_dir)):
-            print(f"reports compare: wrote {f}")
+            for f in write_report(c, Path(out_dir)):
+                print(f"reports compare: wrote {f}")
+    except OutputError as e:
+        print(f"reports compare: {e}", file=sys.stderr)
+        return 2
     return 0 if c.ok else 1
 
 

@@ -328,10 +328,13 @@ def load_dump(path: str | Path, rules: list[MapRule] | None = None) -> Dump:
         if base in plain:
             continue
         want = list(range(len(by_step)))
-        if sorted(by_step) != want:
-            gaps = sorted(set(range(max(by_step) + 1)) - set(by_step))
-            dump.problems.append(f"{base}: calls @step_{sorted(by_step)[0]}..@step_{max(by_step)} with "
-                                 f"@step_{gaps[0]} missing (steps count calls from 0)")
+        have = sorted(by_step)
+        if have != want:
+            # The first missing call, found in the keys themselves: a step number is the user's (a typo like
+            # @step_100000000 must not make us build a range of 10⁸ before saying so).
+            gap = next(i for i, n in enumerate(have) if n != i)
+            dump.problems.append(f"{base}: calls @step_{have[0]}..@step_{have[-1]} with "
+                                 f"@step_{gap} missing (steps count calls from 0)")
             continue
         dump.taps[base] = [by_step[i] for i in want]
     low = sorted({d for d in dump.stored_dtype.values() if d in ("bfloat16", "float16")})

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from impl.outfile import atomic_path, check_folder, write_text
+
 from .compare import TIERS
 from .port_compare import CLOSE_TIERS, PortCheck, TapCheck, _to_json
 
@@ -203,17 +205,20 @@ def plot_error_growth(c: PortCheck, path: Path) -> Path | None:
     a2.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the temporary name keeps ".png": savefig picks the format from it
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_report(c: PortCheck, out_dir: Path) -> list[Path]:
     """Write REPORT.md, error_growth.png (when anything was compared) and results.json into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_folder(out_dir, create=True)
     plot = plot_error_growth(c, out_dir / PLOT)
     md = out_dir / "REPORT.md"
-    md.write_text(render_markdown(c, PLOT if plot else None))
+    write_text(md, render_markdown(c, PLOT if plot else None))
     js = out_dir / "results.json"
-    js.write_text(json.dumps(_to_json(c), indent=1))
+    write_text(js, json.dumps(_to_json(c), indent=1))
     return [p for p in (md, plot, js) if p is not None]

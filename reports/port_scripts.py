@@ -2,7 +2,7 @@
 ``python -m`` entry that already exists, so ``--help`` shows that entry's complete option list.
 
     qwen3tts-synthesize   python -m impl synthesize           text -> 24 kHz wav with the from-scratch model
-    qwen3tts-bench        python -m impl bench                speed, ours vs upstream (points at impl.bench:main)
+    qwen3tts-bench        python -m reference_export bench    speed, ours vs upstream (points at reference_export.bench:main)
     qwen3tts-synth        python -m reference_export synth    a synthetic checkpoint folder
     qwen3tts-capture      python -m reference_export capture  upstream references (needs the [upstream] extra)
     qwen3tts-compare      python -m reports compare           a port's dump vs a reference, per-port report

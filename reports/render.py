@@ -16,10 +16,22 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .bad_input import bad_input_section
+from impl.outfile import atomic_path, check_folder, check_free_space, check_output, write_text
+
+from .bad_input import bad_input_section, faults_section
 from .compare import TIERS
 from .perf import performance_section
-from .results import ROOT, ResultsError, RowResult, RunResults, check_fresh, freshness, load
+from .results import (
+    ROOT,
+    ResultsError,
+    RowResult,
+    RunResults,
+    check_fresh,
+    freshness,
+    load,
+    marker_not_run,
+    read_json,
+)
 
 PLOT = "plots/max_abs.png"  # relative to VALIDATION.md
 # provenance keys that make two runs the same kind of run (so a baseline row missing from one is a vanished row)
@@ -51,10 +63,37 @@ def _provenance(run: RunResults, source: str) -> list[str]:
         ("machine", f"{prov.get('machine')}, {prov.get('cpus')} CPUs, Python {prov.get('python')}"),
         ("pytest selection", prov.get("markexpr") or "(default)"),
         ("tests", f"{summ['passed']} passed, {summ['failed']} failed, {summ.get('errors', 0)} errors, "
-                  f"{summ['skipped']} skipped of {summ['collected']} collected in {summ.get('duration_s', '?')} s"),
+                  f"{summ['skipped']} skipped of {summ['collected']} collected in {summ.get('duration_s', '?')} s"
+                  + (f" (summed over {len(prov['shards'])} shards)" if prov.get("shards") else "")),
         ("comparisons", f"{len(run.records)} tensor/code comparisons in {len(run.rows())} rows"),
     ]
+    rows += _spread(prov)
     return [tabulate(rows, headers=["", ""], tablefmt="github"), ""]
+
+
+def _spread(prov: dict) -> list[tuple[str, str]]:
+    """How the run was spread over processes and machines: xdist workers, the shard a file is, or one line per
+    shard of a merged run (``python -m reports merge``), each with its own machine, device, sha and wall time."""
+    out = []
+    if prov.get("workers"):
+        out.append(("processes", f"pytest-xdist, {prov['workers']} workers"))
+    if isinstance(prov.get("shard"), dict):
+        out.append(("shard", f"{prov['shard'].get('group')}/{prov['shard'].get('splits')} (pytest --splits)"))
+    for s in prov.get("shards") or []:
+        dev = f"{s.get('device')} / {s.get('dtype')}"
+        out.append((f"shard {s.get('group')}/{s.get('splits')}",
+                    f"`{s.get('source')}`, created {s.get('created')}, git {short_sha(str(s.get('git_sha', '')))}, "
+                    f"code {s.get('code_hash')}; {_on_what(s)}, {dev}"
+                    f"{', ' + str(s['workers']) + ' xdist workers' if s.get('workers') else ''}; "
+                    f"{s.get('passed')} passed, {s.get('failed')} failed, {s.get('errors', 0)} errors, "
+                    f"{s.get('skipped')} skipped of {s.get('collected')} in {s.get('duration_s', '?')} s"))
+    return out
+
+
+def short_sha(sha: str) -> str:
+    """A commit shown short, keeping the ``+dirty`` mark (recorded from a tree that differed from the commit)."""
+    commit = sha.removesuffix("+dirty")
+    return (commit[:10] or "?") + ("+dirty" if sha.endswith("+dirty") else "")
 
 
 def _notes(g: RowResult, default_preset: str) -> str:
@@ -126,11 +165,13 @@ def _section_header(run: RunResults, source: str, root: Path | None) -> list[str
     dev, dt = _device_kind(prov)
     what = "" if (dev, dt) == ("cpu", "float32") else f"{dev} {dt}, "
     lines = [f"## Recorded run: {what}preset {', '.join(run.presets)} ({prov.get('markexpr') or 'default selection'})",
-             "", f"Recorded at `{sha[:10] or '?'}` on {run.created or '?'}, on {_on_what(prov)}; not re-run for this "
+             "", f"Recorded at `{short_sha(sha)}` on {run.created or '?'}, on {_on_what(prov)}; not re-run for this "
              f"report (from `{source}`)."]
     if f.stale:
-        lines.append(f"**⚠️ Possibly stale:** recorded at `{sha[:10] or '?'}`, but {f.stale}; these rows measure "
+        lines.append(f"**⚠️ Possibly stale:** recorded at `{short_sha(sha)}`, but {f.stale}; these rows measure "
                      f"the code as it was then.")
+    if dev == "cuda" and (why := marker_not_run(run, "cuda")):
+        lines.append(f"**⚠️ CUDA not shown:** {why}; this run is no evidence about CUDA.")
     return lines + [""]
 
 
@@ -152,11 +193,18 @@ def device_runs_section(sections: list[RunResults]) -> list[str]:
             continue
         for s in got:
             summ = s.summary
-            status = "✅" if summ.get("failed", 0) == 0 and summ.get("errors", 0) == 0 and all(g.ok for g in s.rows()) \
-                else "❌"
+            # ✅ needs evidence: no failure and no red row, *and* rows measured and CUDA-marked tests that passed
+            # (a run whose CUDA tests all skipped, or that recorded nothing, has shown nothing about CUDA).
+            why = marker_not_run(s, "cuda") or ("" if s.records else "no comparisons recorded")
+            if summ.get("failed", 0) or summ.get("errors", 0) or not all(g.ok for g in s.rows()):
+                status = "❌"
+            elif why:
+                status = f"⚠️ not shown ({why}):"
+            else:
+                status = "✅"
             table.append([f"{dev} {dt}", f"{status} {summ.get('passed')} passed, {summ.get('failed')} failed, "
                           f"{summ.get('skipped')} skipped",
-                          f"`{s.source}`, recorded at `{str(s.provenance.get('git_sha', ''))[:10]}`, on "
+                          f"`{s.source}`, recorded at `{short_sha(str(s.provenance.get('git_sha', '')))}`, on "
                           f"{_on_what(s.provenance)}"])
     return lines + [tabulate(table, headers=["run", "outcome", "recorded"], tablefmt="github"), ""]
 
@@ -200,13 +248,14 @@ def render_markdown(data: dict, source: str = "reports/results.json",
     lines += [f"![worst difference per row (log scale)]({PLOT})", ""]
     lines += _tests_lists(run)
     lines += bad_input_section(data)  # the "Bad input" section (reports/bad_input.py)
+    lines += faults_section(data)  # the "Faults" section beside it (the same module)
     lines += device_runs_section([sec for _, sec in sections])
     for src, sec in sections:
         lines += _section_header(sec, src, root)
         lines += _provenance(sec, src)
         lines += _status_table(sec)
         lines += _tests_lists(sec)
-    lines += performance_section()  # recorded `python -m impl bench` files (reports/perf.py)
+    lines += performance_section()  # recorded `python -m reference_export bench` files (reports/perf.py)
     lines += ["## Tiers", ""]
     lines += [tabulate([[t.name, t.rtol if t.kind == "close" else "", t.atol if t.kind == "close" else "",
                          t.nmse if t.nmse else "", t.doc] for t in TIERS.values()],
@@ -250,8 +299,11 @@ def plot(run: RunResults, out: Path) -> Path | None:
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # the temporary name keeps ".png": savefig picks the format from it
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -279,26 +331,41 @@ def _load(results: Path, fresh: bool, root: Path | None = None) -> RunResults:
 def _baseline(path: Path | None) -> dict | None:
     if path is None or not path.exists():
         return None
-    try:
-        b = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{_shown(path)}: baseline is not valid JSON ({e})") from None
+    try:  # a binary or cut file is one line naming it (reports/results.py read_json)
+        b = read_json(path, _shown(path), "baseline missing", "baseline is empty", "baseline is ")
+    except ResultsError as e:
+        raise SystemExit(str(e)) from None
     return b if isinstance(b, dict) else None
+
+
+def check_outputs(out_md: Path) -> None:
+    """Before any work: VALIDATION.md, summary.json beside it and the plots folder can be written (raises
+    ``impl.outfile.OutputError``, one line naming the path)."""
+    check_output(out_md)
+    check_output(out_md.with_name("summary.json"))
+    plots = (out_md.parent / PLOT).parent
+    if plots.exists():
+        check_folder(plots)
 
 
 def render(results: Path, out_md: Path, also: list[Path] | None = None, baseline: Path | None = None,
            root: Path | None = None) -> list[Path]:
     """Render ``results`` (the main run; refused unless produced by this tree's code) plus ``also`` (recorded
     opt-in runs, e.g. released dimensions) as sections. ``baseline``: rows it has that this run lacks are red."""
+    check_outputs(out_md)
     run = _load(results, fresh=True, root=root)
     sections = [(_shown(p), _load(p, fresh=False)) for p in also or []]
     written = []
     md = render_markdown(run.to_json(), run.source, [(s, r.to_json()) for s, r in sections], _baseline(baseline),
                          root=root)
-    out_md.write_text(md)
-    written.append(out_md)
     sj = out_md.with_name("summary.json")
-    sj.write_text(json.dumps(summary_json(run), indent=1, default=str))
+    sj_text = json.dumps(summary_json(run), indent=1, default=str)
+    # The size is known now: refuse a full disk before writing anything (the plot is a few hundred kB at most).
+    check_free_space(out_md, len(md.encode()) + len(sj_text) + 1_000_000, "the report")
+    # Each file is written atomically (impl/outfile.py): a failure keeps the old one byte for byte.
+    write_text(out_md, md)
+    written.append(out_md)
+    write_text(sj, sj_text)
     written.append(sj)
     p = plot(run, out_md.parent / PLOT)
     if p:

@@ -39,8 +39,9 @@ COMPARES = (UPSTREAM, OURS, FORMULA, LIBROSA)
 # The code whose change invalidates results (item: results carry the code hash). Globs relative to the root.
 CODE_GLOBS = ("impl/**/*.py", "impl/**/*.json", "reference_export/**/*.py", "reference_export/**/*.json",
               "parity_tests/**/*.py", "reports/*.py", "conftest.py")
-# The code a recorded section measures: a section recorded before the last change to these is flagged stale.
-MEASURED_PATHS = ("impl", "reference_export")
+# The code a recorded section measures: a section recorded before the last change to these is flagged stale. Not
+# only the model: the tests that judge it, the comparison engine and the collector decide what a row says.
+MEASURED_PATHS = ("impl", "reference_export", "parity_tests", "reports/compare.py", "conftest.py")
 
 
 class ResultsError(ValueError):
@@ -241,6 +242,9 @@ class RunResults:
     code_hash: str | None = None
     created: str = ""
     schema: int = SCHEMA
+    durations: dict[str, float] = field(default_factory=dict)  # nodeid -> seconds (setup + call + teardown)
+    # marker -> node ids of the tests carrying it (conftest.LISTED_MARKERS); None: not recorded (an older file)
+    marked: dict[str, list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys (other sections' data), kept as is
     source: str = ""
 
@@ -272,6 +276,7 @@ class RunResults:
         return {"schema": self.schema, "created": self.created, "code_hash": self.code_hash,
                 "provenance": self.provenance, "summary": self.summary, "tests": self.tests,
                 "skipped": self.skipped, "rows": [r.to_json() for r in self.records], "bad_input": self.bad_input,
+                "durations": self.durations, **({} if self.marked is None else {"marked": self.marked}),
                 **self.extra}
 
     @classmethod
@@ -286,7 +291,7 @@ class RunResults:
         for k in ("provenance", "summary"):
             if not isinstance(d[k], dict):
                 raise ResultsError(f"{source}: '{k}' is {type(d[k]).__name__}, not an object")
-        for k, typ in (("tests", dict), ("skipped", dict), ("bad_input", list)):
+        for k, typ in (("tests", dict), ("skipped", dict), ("bad_input", list), ("durations", dict), ("marked", dict)):
             if d.get(k) is not None and not isinstance(d[k], typ):
                 raise ResultsError(f"{source}: '{k}' is {type(d[k]).__name__}, not a{'n object' if typ is dict else ' list'}")
         summ = d["summary"]
@@ -294,22 +299,47 @@ class RunResults:
             if not isinstance(summ.get(k), int):
                 raise ResultsError(f"{source}: summary.{k} is {summ.get(k)!r}, not an integer")
         records = [Record.from_json(r, f"{source}: rows[{i}]") for i, r in enumerate(d["rows"])]
-        known = {"schema", "created", "code_hash", "provenance", "summary", "tests", "skipped", "rows", "bad_input"}
+        known = {"schema", "created", "code_hash", "provenance", "summary", "tests", "skipped", "rows", "bad_input",
+                 "durations", "marked"}
+        marked = d.get("marked")
         return cls(provenance=d["provenance"], summary=summ, records=records, tests=dict(d.get("tests") or {}),
                    skipped=dict(d.get("skipped") or {}), bad_input=list(d.get("bad_input") or []),
+                   durations=dict(d.get("durations") or {}),
+                   marked=None if marked is None else {str(m): list(ids) for m, ids in marked.items()},
                    code_hash=d.get("code_hash"), created=str(d.get("created", "")), schema=int(d.get("schema", 1)),
                    extra={k: v for k, v in d.items() if k not in known}, source=source)
+
+
+def marker_not_run(run: RunResults, marker: str = "cuda") -> str:
+    """"" when at least one test carrying ``marker`` passed in ``run``; otherwise one line saying why not (none
+    collected, all skipped with the first reason, none passed, or an older file that does not record it). A run
+    whose CUDA tests all skipped has shown nothing about CUDA, whatever its other rows say."""
+    ids = (run.marked or {}).get(marker)
+    if ids is None:
+        return f"{run.source or 'the results'} does not record which tests carry the '{marker}' marker (an older " \
+               f"results file): cannot tell whether they ran"
+    if not ids:
+        return f"no '{marker}'-marked test was collected"
+    if any(run.tests.get(t) == "passed" for t in ids):
+        return ""
+    skipped = [t for t in ids if run.tests.get(t) == "skipped"]
+    if len(skipped) == len(ids):
+        return f"all {len(ids)} '{marker}'-marked tests skipped ({run.skipped.get(ids[0]) or 'reason not recorded'})"
+    return f"none of the {len(ids)} '{marker}'-marked tests passed"
 
 
 def read_json(path: Path, name: str, missing: str, empty: str, invalid: str = "") -> Any:
     """A JSON file's content; a missing, unreadable, empty or non-JSON file is one ``ResultsError`` line naming it
     (``missing``/``empty`` say what to do; ``invalid`` prefixes "not valid JSON")."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ResultsError(f"{name}: {missing}") from None
     except OSError as e:
         raise ResultsError(f"{name}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:  # a binary file (or another encoding) where JSON text belongs
+        raise ResultsError(f"{name}: {invalid}not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset "
+                           f"{e.start}); not JSON") from None
     if not text.strip():
         raise ResultsError(f"{name}: {empty}")
     try:
@@ -356,16 +386,28 @@ class Freshness:
     stale: str  # "" when the recorded sha includes the last change to the measured code; else why it is stale
 
 
+def _shown_paths(paths: tuple[str, ...] | list[str], root: Path) -> str:
+    return ", ".join(f"{p}/" if (root / p).is_dir() else p for p in paths)
+
+
 def freshness(sha: str, created: str, root: Path = ROOT, paths: tuple[str, ...] = MEASURED_PATHS) -> Freshness:
-    """Whether a section recorded at ``sha`` still measures the code in ``paths`` as it is in this tree."""
-    where = ", ".join(f"{p}/" for p in paths)
-    if not sha or _git(root, "cat-file", "-e", f"{sha}^{{commit}}") is None:
-        return Freshness(sha, created, f"commit {sha or '(none)'} is unknown here: cannot tell whether {where} "
-                                       f"changed since")
-    last = _git(root, "rev-list", "-1", "HEAD", "--", *paths)
-    if last and _git(root, "merge-base", "--is-ancestor", last, sha) is None:
-        return Freshness(sha, created, f"{where} changed after it (last change {last[:10]})")
+    """Whether a section recorded at ``sha`` still measures the code in ``paths`` as it is in this tree. A sha
+    recorded from a tree with uncommitted changes carries ``+dirty`` (``reference_export.export.git_sha``); its
+    commit is what is looked up."""
+    commit = sha.removesuffix("+dirty")
+    if not commit or _git(root, "cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return Freshness(sha, created, f"commit {commit or '(none)'} is unknown here: cannot tell whether "
+                                       f"{_shown_paths(paths, root)} changed since")
+    changed = []  # the measured paths whose last change is not in the recorded commit
+    for p in paths:
+        last = _git(root, "rev-list", "-1", "HEAD", "--", p)
+        if last and _git(root, "merge-base", "--is-ancestor", last, commit) is None:
+            changed.append((p, last))
+    if changed:
+        newest = _git(root, "rev-list", "-1", "HEAD", "--", *[p for p, _ in changed]) or changed[0][1]
+        return Freshness(sha, created, f"{_shown_paths([p for p, _ in changed], root)} changed after it (last "
+                                       f"change {newest[:10]})")
     dirty = _git(root, "status", "--porcelain", "--", *paths)
     if dirty:
-        return Freshness(sha, created, f"{where} have uncommitted changes")
+        return Freshness(sha, created, f"{_shown_paths(paths, root)} have uncommitted changes")
     return Freshness(sha, created, "")

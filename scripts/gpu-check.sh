@@ -44,7 +44,7 @@ if [ "${1:-}" != "--skip-bench" ]; then
     [ -f "$ck/synth.json" ] || "$PY" -m reference_export synth --preset 0.6b --variant custom_voice --out "$ck" --force \
         >"$OUT/synth.log" 2>&1
     for dtype in float32 bfloat16; do
-        "$PY" -m impl bench --model "$ck" --device cuda --dtype "$dtype" --frames 200 --batch 1,8,16 \
+        "$PY" -m reference_export bench --model "$ck" --device cuda --dtype "$dtype" --frames 200 --batch 1,8,16 \
             --json reports/bench-cuda-0.6b.json 2>&1 | tee -a "$OUT/bench.log" | tail -25
     done
     cp reports/bench-cuda-0.6b.json "$OUT/" 2>/dev/null

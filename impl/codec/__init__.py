@@ -10,7 +10,9 @@ Upstream: ``Qwen3TTSTokenizerV2Model`` (qwen_tts ``core/tokenizer_12hz``), loade
     for c in split_frames(codes, [1]):                     # (F, Q) codes one frame at a time
         wav = s.push(c)                                    # (1, 1920) per frame, at once (decoder's device)
 
-``decode`` is upstream's: 300-frame chunks with 25 frames of recomputed left context (what upstream users get).
+``decode`` is upstream's: 300-frame chunks with 25 frames of recomputed left context (what upstream users get);
+its codes are range-checked first (``impl.codec.quantizer.check_codes``: one line naming item, frame, codebook), and
+``decode(codes, skip_frames=n)`` returns the audio after frame n without decoding the chunks wholly before it.
 ``decoder.stream()`` carries state and equals the FULL one-shot decode ``st.decoder(codes)`` (``decode_oneshot``);
 the two differ slightly after frame 300. Module paths for taps: ``speech_tokenizer.decoder.<upstream path>``.
 """
@@ -18,6 +20,7 @@ the two differ slightly after frame 300. Module paths for taps: ``speech_tokeniz
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from ..loading import (
 )
 from ..taps import set_tap_paths
 from .decoder import CodecDecoder, DecoderState
+from .quantizer import check_codes, check_integer_codes
 from .streaming import DecoderStream, split_frames
 
 CodesLike = torch.Tensor | np.ndarray | list[Any]
@@ -111,36 +115,72 @@ class SpeechTokenizer(nn.Module):
 
     # ---------------------------------------------------------------------------------------- decode
 
-    @staticmethod
-    def _pad(codes: CodesLike) -> torch.Tensor:
+    def _pad(self, codes: CodesLike) -> torch.Tensor:
         """list of (F_i, Q) | (F, Q) | (B, F, Q) -> (B, F_max, Q) long, right-padded with -1 (upstream's
-        ``pad_sequence(..., padding_value=-1)``)."""
+        ``pad_sequence(..., padding_value=-1)``). Integer codes of width Q, or one ``ValueError`` line."""
+        Q = self.decoder.cfg.num_quantizers
         if isinstance(codes, (list, tuple)):
-            rows = [torch.as_tensor(np.asarray(c) if not isinstance(c, torch.Tensor) else c).long() for c in codes]
-            return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
-        t = torch.as_tensor(codes).long()
+            if not codes:
+                raise ValueError("codes: an empty list (decode takes a list of (frames, Q) code arrays)")
+            rows = [torch.as_tensor(np.asarray(c) if not isinstance(c, torch.Tensor) else c) for c in codes]
+            for i, r in enumerate(rows):
+                check_integer_codes(r, f"codes item {i}")
+                if r.ndim != 2 or r.shape[1] != Q:
+                    raise ValueError(f"codes item {i}: shape {tuple(r.shape)} is not (frames, {Q})")
+            return torch.nn.utils.rnn.pad_sequence([r.long() for r in rows], batch_first=True, padding_value=-1)
+        t = torch.as_tensor(codes)
+        check_integer_codes(t)
+        if t.ndim not in (2, 3) or t.shape[-1] != Q:
+            raise ValueError(f"codes: shape {tuple(t.shape)} is not (frames, {Q}) or (batch, frames, {Q})")
+        t = t.long()
         return t[None] if t.ndim == 2 else t
 
     @torch.inference_mode()
-    def decode(self, codes: CodesLike) -> list[np.ndarray]:
+    def decode(self, codes: CodesLike, skip_frames: int = 0) -> list[np.ndarray]:
         """Upstream ``decode``: one float32 (F_i*1920,) array per item. ``codes``: a list of (F_i, Q), or a
-        (B, F, Q) / (F, Q) tensor padded with -1 (a frame counts if its first code is > -1)."""
+        (B, F, Q) / (F, Q) tensor right-padded with -1 (a frame counts if its first code is > -1).
+
+        Codes are checked first: each in ``[0, codebook_size)``, -1 only for whole padding frames after the valid
+        ones (one ``ValueError`` line naming item, frame and codebook otherwise). An item with no valid frame
+        decodes to 0 samples, with a warning that says so.
+
+        ``skip_frames``: return ``decode(codes)[i][skip_frames * 1920:]`` bit for bit, without decoding the
+        300-frame chunks that lie wholly inside the skipped frames (each chunk is decoded from scratch, so the
+        others do not change). ``Qwen3TTS.decode`` uses it to drop an ICL reference without decoding most of it.
+        Must be at most every item's valid frames."""
+        if isinstance(skip_frames, bool) or not isinstance(skip_frames, int) or skip_frames < 0:
+            raise ValueError(f"skip_frames {skip_frames!r} must be an integer >= 0")
         padded = self._pad(codes).to(self.device)
-        if padded.shape[1] == 0:
-            return [np.zeros(0, np.float32) for _ in range(padded.shape[0])]
-        wavs = self.decoder.decode_padded(padded)
+        if padded.shape[0] == 0:
+            return []
+        check_codes(padded, self.decoder.cfg.codebook_size, padding=True)
+        valid = (padded[..., 0] > -1).sum(1).tolist() if padded.shape[1] else [0] * padded.shape[0]
+        for i, n in enumerate(valid):
+            if n == 0:
+                why = f"all {padded.shape[1]} frames are -1 padding" if padded.shape[1] else "it has no frames"
+                warnings.warn(f"codes item {i}: {why}, so its audio is empty (0 samples)", stacklevel=3)
+        if skip_frames > min(valid):
+            raise ValueError(f"skip_frames {skip_frames} exceeds the valid frames of an item ({min(valid)})")
+        if max(valid) == 0:
+            return [np.zeros(0, np.float32) for _ in valid]
+        wavs = self.decoder.decode_padded(padded, skip_frames)
         return [w.float().cpu().numpy() for w in wavs]
 
     @torch.inference_mode()
     def decode_oneshot(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """The full one-shot decode of valid codes (F, Q) -> (F*1920,), or (B, F, Q) -> (B, F*1920), float32:
         what streaming with ``self.decoder.stream()`` equals (no 300-frame chunking, no -1 padding)."""
-        t = torch.as_tensor(codes).long()
+        t = torch.as_tensor(codes)
+        check_integer_codes(t)
+        Q = self.decoder.cfg.num_quantizers
+        if t.ndim not in (2, 3) or t.shape[-1] != Q:
+            raise ValueError(f"codes: shape {tuple(t.shape)} is not (frames, {Q}) or (batch, frames, {Q})")
         single = t.ndim == 2
         t = t[None] if single else t
         if t.numel() and int(t.min()) < 0:
             raise ValueError("negative codes: use decode() for -1-padded batches")
-        wav = self.decoder(t.to(self.device).transpose(1, 2))[:, 0].float().cpu().numpy()  # (B, F*1920)
+        check_codes(t, self.decoder.cfg.codebook_size)
+        wav = self.decoder(t.long().to(self.device).transpose(1, 2))[:, 0].float().cpu().numpy()  # (B, F*1920)
         return wav[0] if single else wav
 
     # ---------------------------------------------------------------------------------------- encode

@@ -48,6 +48,10 @@ from .conv import (
 from .quantizer import SplitResidualVectorQuantizer
 from .streaming import DecoderStream
 
+# Upstream ``chunked_decode``'s defaults (what its ``decode()`` uses): 300-frame chunks, 25 frames of left context.
+DECODE_CHUNK_FRAMES = 300
+DECODE_LEFT_CONTEXT = 25
+
 
 @dataclass
 class PreTransformerState:
@@ -174,14 +178,21 @@ class CodecDecoder(nn.Module):
         frames = (s.frames if s is not None else 0) + F
         return Streamed(wav, DecoderState(pre_conv, pre_tf, tuple(ups), tuple(decs), frames))
 
-    def chunked_decode(self, codes: torch.Tensor, chunk_size: int = 300, left_context_size: int = 25) -> torch.Tensor:
-        """Upstream ``chunked_decode``: codes (B, Q, F) -> (B, 1, F*1920) decoded in ``chunk_size`` chunks, each
-        from scratch with ``left_context_size`` frames of recomputed left context whose audio is dropped.
+    def chunked_decode(self, codes: torch.Tensor, chunk_size: int | None = None,
+                       left_context_size: int | None = None, start: int = 0) -> torch.Tensor:
+        """Upstream ``chunked_decode``: codes (B, Q, F) -> (B, 1, F*1920) decoded in ``chunk_size`` chunks (default
+        ``DECODE_CHUNK_FRAMES``), each from scratch with ``left_context_size`` (``DECODE_LEFT_CONTEXT``) frames of
+        recomputed left context whose audio is dropped.
 
         The first chunk equals the one-shot decode; later chunks differ, because the receptive field is longer
-        than the context. Kept because it is what upstream users get from ``decode()``."""
+        than the context. Kept because it is what upstream users get from ``decode()``.
+        ``start`` (a multiple of ``chunk_size``): begin at that chunk, returning the audio of frames ``start..F``,
+        equal bit for bit to the full call's ``[..., start * 1920:]`` (no state crosses a chunk boundary)."""
+        chunk_size = DECODE_CHUNK_FRAMES if chunk_size is None else chunk_size  # read at call time
+        left_context_size = DECODE_LEFT_CONTEXT if left_context_size is None else left_context_size
+        if start % chunk_size:
+            raise ValueError(f"start {start} is not a multiple of chunk_size {chunk_size}")
         wavs = []
-        start = 0
         F = codes.shape[-1]
         while start < F:
             end = min(start + chunk_size, F)
@@ -194,12 +205,17 @@ class CodecDecoder(nn.Module):
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=next(self.parameters()).dtype)
         return torch.cat(wavs, dim=-1)
 
-    def decode_padded(self, codes: torch.Tensor) -> list[torch.Tensor]:
+    def decode_padded(self, codes: torch.Tensor, skip_frames: int = 0) -> list[torch.Tensor]:
         """Upstream ``Qwen3TTSTokenizerV2Model.decode``: codes (B, F, Q) right-padded with -1 -> one (n_i,) wav
-        per row, n_i = 1920 × (frames whose first code is > -1). Padding is decoded as code 0 (clamp) and cut."""
-        lengths = (codes[..., 0] > -1).sum(1) * self.total_upsample  # (B,)
-        wav = self.chunked_decode(codes.clamp(min=0).transpose(1, 2)).squeeze(1)  # (B, F*1920)
-        return [w[: int(n)] for w, n in zip(wav, lengths)]
+        per row, n_i = 1920 × (frames whose first code is > -1). Padding is decoded as code 0 (clamp) and cut.
+
+        ``skip_frames``: the rows' audio from frame ``skip_frames`` on, bit for bit the full result's
+        ``[skip_frames * 1920:]``; the 300-frame chunks that end at or before it are not decoded."""
+        up = self.total_upsample
+        lengths = (codes[..., 0] > -1).sum(1) * up  # (B,)
+        first = skip_frames - skip_frames % DECODE_CHUNK_FRAMES  # start of the chunk holding frame skip_frames
+        wav = self.chunked_decode(codes.clamp(min=0).transpose(1, 2), start=first).squeeze(1)  # (B, (F-first)*1920)
+        return [w[(skip_frames - first) * up: int(n) - first * up] for w, n in zip(wav, lengths)]
 
 
 __all__ = ["PreTransformer", "PreTransformerState", "CodecDecoder", "DecoderState"]

@@ -24,6 +24,55 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_integer_codes(codes: torch.Tensor, what: str = "codes") -> None:
+    """Codes are integers: a float array (3.7 -> 3 after ``.long()``) or a bool mask is refused in one line."""
+    if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"{what}: dtype {codes.dtype} is not an integer dtype (codes are codebook indices)")
+
+
+def check_codes(codes: torch.Tensor, codebook_size: int, what: str = "codes", items: list[int] | None = None,
+                padding: bool = False) -> None:
+    """codes (B, F, Q) integer: every code in ``[0, codebook_size)``, or one ``ValueError`` line naming the item,
+    frame, codebook and the allowed range (an embedding lookup would fail with a bare ``IndexError`` on the CPU and
+    a device-side assert on CUDA). ``items[b]`` is the item number shown for row ``b`` (default ``b``).
+
+    ``padding=True`` also allows upstream's ``-1`` right padding (``Qwen3TTSTokenizerV2Model.decode`` counts a
+    frame as valid when its first code is > -1 and decodes the rest as code 0, then cuts): a padding frame must be
+    -1 in every codebook and may only follow the valid frames. Upstream silently decodes a -1 inside a valid frame,
+    or a valid frame after padding, as code 0 and returns misaligned audio; here both are refused. One host read
+    when nothing is wrong."""
+    B, F, Q = codes.shape
+    lo = -1 if padding else 0
+    bad = (codes < lo) | (codes >= codebook_size)  # (B, F, Q)
+    pad = codes == -1
+    if padding:
+        mixed = pad.any(-1) & ~pad.all(-1)  # (B, F): -1 in some codebooks only
+        frame_pad = pad[..., 0]  # (B, F): upstream's rule (first code == -1)
+        after_pad = (frame_pad.long().cumsum(1) > 0) & ~frame_pad  # (B, F): a valid frame after a padding frame
+    else:
+        mixed = after_pad = bad.new_zeros(())
+    if not bool(bad.any() | mixed.any() | after_pad.any()):  # the one host read
+        return
+
+    def name(b: int) -> str:
+        return f"{what} item {items[b] if items is not None else b}"
+
+    allowed = f"[0, {codebook_size})" + (", or -1 for padding frames" if padding else "")
+    if bool(bad.any()):
+        b, f, q = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name(b)}, frame {f}, codebook {q}: code {int(codes[b, f, q])} is out of range {allowed} "
+                         f"({int(bad.sum())} code(s) out of range in all)")
+    if bool(mixed.any()):
+        b, f = (int(i) for i in mixed.nonzero()[0])
+        q, r = int(pad[b, f].int().argmax()), int((~pad[b, f]).int().argmax())  # a -1 codebook, a coded one
+        raise ValueError(f"{name(b)}, frame {f}: codebook {q} is -1 (padding) but codebook {r} holds "
+                         f"{int(codes[b, f, r])} (a padding frame is -1 in all {Q} codebooks)")
+    b, f = (int(i) for i in after_pad.nonzero()[0])
+    p = int(frame_pad[b].int().argmax())
+    raise ValueError(f"{name(b)}, frame {f}: a valid frame after -1 padding at frame {p} (-1 frames are right "
+                     "padding only)")
+
+
 class EuclideanCodebook(nn.Module):
     """Codebook stored as an EMA sum and usage count; the vectors are ``embedding_sum / max(usage, 1e-5)``
     (upstream ``EuclideanCodebook``). The 1e-5 clamp keeps never-used entries finite.
@@ -119,5 +168,5 @@ class SplitResidualVectorQuantizer(nn.Module):
     forward = decode
 
 
-__all__ = ["EuclideanCodebook", "VectorQuantization", "ResidualVectorQuantization", "ResidualVectorQuantizer",
-           "SplitResidualVectorQuantizer"]
+__all__ = ["check_codes", "check_integer_codes", "EuclideanCodebook", "VectorQuantization",
+           "ResidualVectorQuantization", "ResidualVectorQuantizer", "SplitResidualVectorQuantizer"]

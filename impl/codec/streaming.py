@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..kv_cache import SlidingKVCache
+from .quantizer import check_codes, check_integer_codes
 
 if TYPE_CHECKING:
     from .decoder import CodecDecoder, DecoderState
@@ -38,9 +39,9 @@ class DecoderStream:
 
     Made by ``CodecDecoder.stream()``. Holds the ``DecoderState`` between pushes (``state``, ``frames``);
     ``reset()`` starts a new utterance. Codes (a tensor on any device, or an array) must be valid
-    (0 <= code < codebook size): there is no -1 padding in a stream. Audio comes back on the decoder's device, in
-    its dtype. Per-frame pushes are many small ops: on a busy CPU, ``torch.set_num_threads(1)`` made a
-    frame-at-a-time tiny decode 8-15x faster (measured).
+    (0 <= code < codebook size, checked before the lookup): there is no -1 padding in a stream. Audio comes back on
+    the decoder's device, in its dtype. Per-frame pushes are many small ops: on a busy CPU,
+    ``torch.set_num_threads(1)`` made a frame-at-a-time tiny decode 8-15x faster (measured).
 
     Usage: ``s = decoder.stream(); a = s.push(codes[:1]); b = s.push(codes[1:])`` -- ``cat(a, b)`` equals the
     one-shot ``decoder(codes)`` up to fp32 rounding; ``for c in split_frames(codes, [n]): s.push(c)`` pushes n
@@ -60,13 +61,16 @@ class DecoderStream:
 
     @torch.inference_mode()
     def push(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        codes = torch.as_tensor(codes).long()
+        codes = torch.as_tensor(codes)
+        check_integer_codes(codes)
+        codes = codes.long()
         if codes.ndim == 2:
             codes = codes[None]  # (1, f, Q)
         if codes.ndim != 3:
             raise ValueError(f"codes must be (f, Q) or (B, f, Q), got {tuple(codes.shape)}")
         if codes.numel() and int(codes.min()) < 0:
             raise ValueError("negative codes in a stream (-1 padding is only meaningful for batch decode)")
+        check_codes(codes, self.decoder.cfg.codebook_size)  # before the lookup: names item, frame, codebook
         p = next(self.decoder.parameters())
         wav, self.state = self.decoder._step(codes.to(p.device).transpose(1, 2), self.state)  # (B, 1, f*1920)
         return wav[:, 0]

@@ -9,7 +9,7 @@ skip with a reason), ``--device cpu|cuda``, ``--dtype float32|bfloat16``, ``--at
 Across processes (README "Running the matrix"): ``-n 2`` (pytest-xdist, whole modules per worker) writes the same
 results file as a serial run (each test's rows and bad-input cases travel to the controller on the test's own
 report, and are put back in collection order); ``--splits N --group i [--durations-path FILE]`` runs one shard of
-whole modules, balanced on the committed ``parity_tests/durations.json``; its results file (default
+whole modules, balanced on the committed ``reports/durations.json``; its results file (default
 ``reports/shards/…-shard<i>of<N>.json``) carries its own provenance and shard number, for ``python -m reports merge``.
 
 Built artefacts live under ``$QWEN3TTS_CACHE`` (default ``.cache/`` in the repo), keyed by everything that
@@ -38,7 +38,7 @@ CACHE = Path(os.environ.get("QWEN3TTS_CACHE", ROOT / ".cache"))
 SEED = 0
 # Per-test seconds (setup + call + teardown) that --splits balances shards on; refreshed from a results file with
 # `python -m reports durations reports/results.json` (README "Running the matrix").
-DURATIONS = ROOT / "parity_tests" / "durations.json"
+DURATIONS = ROOT / "reports" / "durations.json"
 
 
 def results_path(device: str, dtype: str, root: Path = ROOT) -> Path:
@@ -101,7 +101,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--splits", type=int, default=None, metavar="N", help="run one of N shards (with --group i)")
     g.addoption("--group", type=int, default=None, metavar="I", help="which shard of --splits N to run (1..N)")
     g.addoption("--durations-path", default=str(DURATIONS), metavar="FILE",
-                help="per-test seconds that shards are balanced on (default parity_tests/durations.json)")
+                help="per-test seconds that shards are balanced on (default reports/durations.json)")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -307,6 +307,15 @@ LISTED_MARKERS = ("cuda",)
 PAYLOAD = "qwen3tts_recorded"
 
 
+def machine_paths_hidden(text: str) -> str:
+    """A recorded message or note with this machine's folders written as ``<cache>`` / ``<repo>``: committed
+    reports are read on other machines, and the folder names say nothing there."""
+    for folder, shown in ((CACHE.resolve(), "<cache>"), (CACHE, "<cache>"), (ROOT.resolve(), "<repo>"),
+                          (ROOT, "<repo>")):
+        text = text.replace(str(folder), shown)
+    return text
+
+
 class Results:
     """What the session recorded: typed comparison records (``reports.results.Record``), test outcomes, skip
     reasons, per-test durations, the tests carrying ``LISTED_MARKERS``, bad-input cases, and the hash of the code
@@ -366,7 +375,11 @@ class Results:
 
         rec = Record(component=component, row=row, result=result, preset=preset, variant=variant,
                      compares=compares, expect_fail=expect_fail, notes=notes, nodeid=nodeid)
-        self._pending.setdefault(nodeid, {"rows": [], "bad_input": []})["rows"].append(rec.to_json())
+        row_json = rec.to_json()
+        row_json["notes"] = machine_paths_hidden(row_json["notes"])
+        if isinstance(row_json["result"].get("message"), str):
+            row_json["result"]["message"] = machine_paths_hidden(row_json["result"]["message"])
+        self._pending.setdefault(nodeid, {"rows": [], "bad_input": []})["rows"].append(row_json)
 
     def add_bad_input(self, nodeid: str, case: dict) -> None:
         self._pending.setdefault(nodeid, {"rows": [], "bad_input": []})["bad_input"].append(case)
@@ -417,13 +430,14 @@ def record(request, preset):
 def bad_input(request, tmp_path_factory):
     """``bad_input(case, outcome, message, surface="")`` records one bad-input case for the report's "Bad input"
     section. ``outcome`` says what happened (e.g. "one-line error", "refused", "handled"); ``message`` is the line
-    the user saw. Record it after asserting on it, so that a recorded case is one whose test checked it. The
+    the user saw (for a "handled" case: the warning shown, or the test's own summary of the outcome). Record it after asserting on it, so that a recorded case is one whose test checked it. The
     session's temporary folder is shown as ``<tmp>``, so the report does not change from run to run."""
     base = str(tmp_path_factory.getbasetemp())
 
     def add(case: str, outcome: str, message: str, surface: str = "") -> None:
         _RESULTS.add_bad_input(request.node.nodeid, {"nodeid": request.node.nodeid, "surface": surface, "case": case,
-                                                     "outcome": outcome, "message": message.replace(base, "<tmp>")})
+                                                     "outcome": outcome,
+                                                     "message": machine_paths_hidden(message.replace(base, "<tmp>"))})
 
     return add
 

@@ -532,7 +532,7 @@ class Qwen3TTS:
             msg = (f"max_new_frames {max_new_frames} is far above what the text warrants ({rule}): a model that "
                    f"never emits EOS runs all {max_new_frames} frames ({max_new_frames / FRAME_RATE:.0f} s of audio)")
         elif max_new_frames is None and warranted > frames:
-            msg = (f"the text warrants {warranted} frames ({rule}), more than max_new_tokens allows: up to "
+            msg = (f"the text warrants {rule}, more than max_new_tokens allows: up to "
                    f"{frames} frames ({frames / FRAME_RATE:.0f} s of audio), a long run whose audio may be cut "
                    "short (split the text, or pass max_new_frames)")
         else:

@@ -2,12 +2,17 @@
 reference case's inputs, and the row definitions several files judge (talker layer 0, generation, the code
 predictor, the mel front end). Test files import from here, never from each other; fixtures live in
 ``parity_tests/conftest.py``.
+
+Every call is compared: a run returns every call of every tap (``Calls``), and ``compare_calls`` pairs ours with the
+reference's call by call, failing when the two sides recorded different numbers of calls. Every fp64 comparison
+goes through ``compare_tap``, which asserts float64 on both sides first (``check_fp64``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,9 +29,99 @@ from impl.sampling import make_generator
 from impl.talker import Talker
 from impl.taps import recording
 from reference_export.cases.lm import MODES
-from reports.compare import CompareResult, compare, compare_exact
+from reports.compare import CompareResult, Tier, compare, compare_exact
 
-from .rows import Row
+from .rows import Row, missing
+
+# ------------------------------------------------------------------------------------------ every call compared
+
+
+class Calls(Mapping):
+    """What ``impl`` recorded in one run, every call of every tap kept (``calls[name]``: one tensor per call, in
+    call order).
+
+    As a mapping, ``got[name]`` is the tensor of a tap recorded once, so single-call consumers (``rows.compare_row``,
+    the bf16 judges) read it as before; for a tap recorded more than once it raises instead of returning the first
+    call, so no consumer compares call 0 and silently drops the rest. :func:`compare_calls` compares them all."""
+
+    def __init__(self, records: dict[str, list[torch.Tensor]]):
+        self.calls = {k: list(v) for k, v in records.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        calls = self.calls[name]  # KeyError for a tap impl did not record: ``name in got`` works as for a dict
+        if len(calls) != 1:
+            raise AssertionError(f"{name}: impl recorded {len(calls)} calls; reading one of them would leave the "
+                                 "others uncompared (compare every call with helpers.compare_calls)")
+        return calls[0]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.calls  # recorded at all (Mapping's default would read the value, and raise)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.calls)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+def check_fp64(name: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+    """The fp64 tier's precondition, checked before every fp64 comparison (``compare_tap``): ours and upstream's
+    tensors are both torch.float64. ``compare`` measures in float64 whatever it is given, so without this a side
+    that ran (or was stored) in float32 would be judged at fp64 tolerances on fp32 values and could pass by luck
+    or hide a formula difference under fp32 rounding. Integer taps (ids, codes) are judged exactly and not here."""
+    assert got.dtype == torch.float64 and ref.dtype == torch.float64, \
+        f"{name}: an fp64 row compares float64 on both sides, got ours {got.dtype}, upstream {ref.dtype}"
+
+
+def compare_tap(name: str, got: torch.Tensor, ref: torch.Tensor, tier: str | Tier = "block") -> CompareResult:
+    """``reports.compare.compare`` for one tensor pair; at the fp64 tier float taps must be float64 on both sides
+    (:func:`check_fp64`). Every fp64 row of the suite compares through here."""
+    tier_name = tier if isinstance(tier, str) else tier.name
+    if tier_name == "fp64" and (got.is_floating_point() or ref.is_floating_point()):
+        check_fp64(name, got, ref)
+    return compare(name, got, ref, tier)
+
+
+def call_name(name: str, i: int, n: int) -> str:
+    """A result's name for call ``i`` of ``n``: the tap name alone for a tap recorded once (as before)."""
+    return name if n == 1 else f"{name} [call {i} of {n}]"
+
+
+def compare_calls(name: str, got: Calls | dict[str, list[torch.Tensor]], ref, tier: str = "block",
+                  label: str | None = None,
+                  judge: Callable[[str, torch.Tensor, torch.Tensor], CompareResult] | None = None,
+                  ) -> list[CompareResult]:
+    """Every call of tap ``name``: ours (``got``: a :class:`Calls` or ``{tap: [tensor per call]}``) paired by
+    index with the reference's (``ref.tap_steps(name)``), one result per call, judged by ``judge`` (default
+    :func:`compare_tap` at ``tier``). A tap missing on either side is a failed result; so is a different number
+    of calls on the two sides (one result naming both counts: a module ours runs once more, or once less, than
+    upstream is a bug even where the calls both ran agree). ``label`` names the results instead of ``name``."""
+    calls = got.calls if isinstance(got, Calls) else got
+    if name not in calls:
+        return [missing(name, "impl", tier)]
+    if not ref.has(name):
+        return [missing(name, f"the reference {ref.path.name}", tier)]
+    ours, theirs = calls[name], ref.tap_steps(name)
+    shown = label or name
+    if len(ours) != len(theirs):
+        r = CompareResult(shown, tier, False, [], [], "")
+        r.message = (f"{shown}: impl recorded {len(ours)} calls, the reference {ref.path.name} {len(theirs)} "
+                     "(every call is compared, paired by index; a different number of calls is a failure)")
+        r.judged_by = "call count"
+        r.extra.update(calls_ours=len(ours), calls_ref=len(theirs))
+        return [r]
+    judge = judge or (lambda n, a, b: compare_tap(n, a, b, tier))
+    return [judge(call_name(shown, i, len(ours)), a, b) for i, (a, b) in enumerate(zip(ours, theirs))]
+
+
+def compare_row_calls(row: Row, got: Calls, ref) -> list[CompareResult]:
+    """``rows.compare_row`` for every call: each tap of ``row`` at its tier, every call paired by index
+    (:func:`compare_calls`)."""
+    out = [r for name in row.taps for r in compare_calls(name, got, ref, row.tier_of(name))]
+    if not out:
+        raise AssertionError(f"row {row.name!r} compares nothing")
+    return out
+
 
 # ------------------------------------------------------------------------------------------ talker layer 0
 
@@ -59,9 +154,9 @@ def build_talker(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.flo
     return talker.to(device=device, dtype=dtype).eval()
 
 
-def run_stack(talker: Talker, ref, device: str, attn: str) -> dict[str, torch.Tensor]:
+def run_stack(talker: Talker, ref, device: str, attn: str) -> Calls:
     """Run impl on the reference's inputs with attention ``attn`` (the talker's module setting, for this run only);
-    return {tap name: tensor}."""
+    return every call of every tap (:class:`Calls`)."""
     ids = ref.input("text_ids").to(device)
     B, T = ids.shape
     if "position_ids" in ref.inputs():
@@ -72,7 +167,7 @@ def run_stack(talker: Talker, ref, device: str, attn: str) -> dict[str, torch.Te
     with attention(talker, attn), recording(talker, prefix="talker", inputs=True) as rec, torch.no_grad():
         mask = causal_mask(T, T, dtype, torch.device(device), None)
         talker.model(talker.embed_text(ids), pos, mask)
-    return {k: v[0] for k, v in rec.records.items()}
+    return Calls(rec.records)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -157,9 +252,9 @@ def compare_codes(name: str, ours: torch.Tensor, ref: torch.Tensor, margins: tor
 # ------------------------------------------------------------------------------------------ code predictor, mel
 
 
-def teacher_run(tts, ref, dtype=torch.float32):
-    """impl's teacher-forced predictor on the case inputs -> {tap: tensor}, under ``tts.attn`` (a loaded model's
-    own setting, or the one a stand-in names)."""
+def teacher_run(tts, ref, dtype=torch.float32) -> Calls:
+    """impl's teacher-forced predictor on the case inputs -> every call of every tap (:class:`Calls`), under
+    ``tts.attn`` (a loaded model's own setting, or the one a stand-in names)."""
     t = tts.talker
     dev = tts.device
     hidden = ref.input("hidden").to(dev, dtype)
@@ -167,7 +262,7 @@ def teacher_run(tts, ref, dtype=torch.float32):
     with attention(t, tts.attn), torch.inference_mode(), recording(t, prefix="talker") as rec:
         c0 = t.embed_codec(codes[:, :1])
         t.code_predictor.forward_teacher(hidden, codes, c0)
-    return {k: v[0] for k, v in rec.records.items()}
+    return Calls(rec.records)
 
 
 def mel_results(ref, device: str = "cpu") -> list[CompareResult]:

@@ -16,6 +16,13 @@ referee idea applied to codes:
   a frame), no NaN margin or hidden state, stop reason ``eos`` or ``budget``, length consistent with it (EOS never
   before ``min_new_tokens``).
 
+Weak on random weights (measured on tiny, issue 18): bf16 logits there sit so close that one ulp of the top logit
+(0.125) covers many choices, and upstream itself leaves its fp32 within frames 0-2. The static decode step with the
+softmax's arithmetic in bf16, or with RMSNorm's weight multiplied in fp32, still passed every item of the
+custom_voice and ICL cases (each divergence a tie of margin 0 or 0.125, or not before upstream's own); the tap rows
+of ``test_bf16.py`` are what catch those two. A checkpoint with realistic greedy margins would give this rule teeth
+(not built yet).
+
 A sampled run has no tie exception (a top1-top2 margin says nothing about where a draw fell), and a single item's
 first flip is a random event on both sides (any of its 16 draws per frame can land within bf16 noise of a CDF
 boundary), so it is judged at the batch level: our earliest divergence (frame, codebook) over the items may not come

@@ -20,6 +20,7 @@ from impl.taps import recording, set_tap_paths
 from reference_export.cases.codec_decoder import OP_MODULES, D, decoder_blocks, pre_transformer_taps
 from reports.compare import CompareResult, compare, compare_exact
 
+from .helpers import Calls, compare_calls, compare_tap
 from .rows import Row, missing
 
 # ------------------------------------------------------------------------------------------ decoder
@@ -61,20 +62,21 @@ def _y(out) -> torch.Tensor:
 
 
 def _cmp(name: str, got: torch.Tensor | None, ref, row: Row) -> CompareResult:
-    """Tap ``name`` of ours (None: impl did not record it) vs the reference, at the row's tier for that tap."""
+    """Tap ``name`` of ours (a value this driver computed directly; None: impl did not produce it) vs the
+    reference, at the row's tier for that tap."""
     tier = row.tier_of(name)
     if got is None:
         return missing(name, "impl", tier)
     if not ref.has(name):
         return missing(name, f"the reference {ref.path.name}", tier)
     # No cast to fp32 here: ``compare`` measures in float64 itself, and the fp64 rows (test_fp64.py) must not be
-    # rounded to fp32 before they are judged.
-    return compare(name, got.cpu(), ref.tap(name), tier)
+    # rounded to fp32 before they are judged (``compare_tap`` asserts float64 on both sides at that tier).
+    return compare_tap(name, got.cpu(), ref.tap(name), tier)
 
 
-def _first(records: dict, name: str) -> torch.Tensor | None:
-    got = records.get(name)
-    return None if got is None else got[0]
+def _cmp_calls(name: str, records: dict, ref, row: Row) -> list[CompareResult]:
+    """Every call ``impl`` recorded of tap ``name`` vs every call in the reference, paired by index."""
+    return compare_calls(name, records, ref, row.tier_of(name))
 
 
 @torch.no_grad()
@@ -89,15 +91,18 @@ def row_results(row: Row, codec: SpeechTokenizer, ref, attn: str, chunked_ref=No
             if not ref.has(name_in):
                 out.append(missing(name_in, f"the reference {ref.path.name}", row.tier_of(name_in)))
                 continue
-            got = _y(dec.get_submodule(path)(ref.tap(name_in).to(dev)))
-            out.append(_cmp(name_out, got, ref, row))
+            # Fed every call upstream recorded (one on today's cases), each output paired with upstream's output of
+            # the same call; a reference whose :in and :out hold different numbers of calls fails on the count.
+            mod = dec.get_submodule(path)
+            ours = [_y(mod(x.to(dev))).cpu() for x in ref.tap_steps(name_in)]
+            out.extend(_cmp_calls(name_out, {name_out: ours}, ref, row))
     elif row.driver == "quantizer":
         codes = ref.input("codes_bqf").to(dev)
         with recording(dec.quantizer, prefix=f"{D}.quantizer") as rec:
             latent = dec.quantizer(codes)
         for half in ("rvq_first", "rvq_rest"):
             name = f"{D}.quantizer.{half}.output_proj:out"
-            out.append(_cmp(name, _first(rec.records, name), ref, row))
+            out.extend(_cmp_calls(name, rec.records, ref, row))
         out.append(_cmp(f"{D}.pre_conv:in", latent, ref, row))  # upstream's dequantised latent
     elif row.driver == "pre_transformer":
         pt = dec.pre_transformer
@@ -107,12 +112,12 @@ def row_results(row: Row, codec: SpeechTokenizer, ref, attn: str, chunked_ref=No
         for name in pre_transformer_taps({"decoder_config": {"num_hidden_layers": n_layers}})[1:]:
             if name.endswith(":attn_probs") and attn != "eager":
                 continue  # probabilities exist only on the eager path
-            out.append(_cmp(name, _first(rec.records, name), ref, row))
+            out.extend(_cmp_calls(name, rec.records, ref, row))
     elif row.driver == "full":
         with recording(dec, prefix=D, include=FULL_TAPS) as rec:
             wav = dec(ref.input("codes_bqf").to(dev))
         for name in FULL_TAPS[:-1]:
-            out.append(_cmp(name, _first(rec.records, name), ref, row))
+            out.extend(_cmp_calls(name, rec.records, ref, row))
         out.append(_cmp(f"{D}:out", wav, ref, row))
     elif row.driver == "chunked":
         if chunked_ref is None:
@@ -165,18 +170,17 @@ def build_encoder(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.fl
     return enc.to(device=device, dtype=dtype).eval()
 
 
-def run_end_to_end(enc: CodecEncoder, ref, attn: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """impl on the reference's audio under attention ``attn``: ({tap: tensor}, per-item trimmed codes)."""
+def run_end_to_end(enc: CodecEncoder, ref, attn: str) -> tuple[Calls, list[torch.Tensor]]:
+    """impl on the reference's audio under attention ``attn``: (every call of every tap, per-item trimmed codes)."""
     dev = next(enc.parameters()).device
     audio, mask = ref.input("audio").to(dev), ref.input("padding_mask").to(dev)
     with attention(enc, attn), recording(enc, ENC) as rec, torch.no_grad():
         out = enc(audio, mask)
-    got = {k: v[0] for k, v in rec.records.items()}
     items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
-    return got, items
+    return Calls(rec.records), items
 
 
-def seanet_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor]) -> list[CompareResult]:
+def seanet_results(enc: CodecEncoder, ref, got: Calls) -> list[CompareResult]:
     """Each SEANet layer on upstream's recorded input, then the whole stack end to end."""
     dev = next(enc.parameters()).device
     out = []
@@ -190,7 +194,7 @@ def seanet_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor]) -> list
             out.append(compare(name, y, r, tier))
             x = r  # next layer starts from upstream's output, not ours
     name = f"{ENC}.encoder:out"
-    out.append(compare(name + " (stack, from audio)", got[name], ref.tap(name), "stack"))
+    out.extend(compare_calls(name, got, ref, "stack", label=name + " (stack, from audio)"))
     return out
 
 
@@ -198,7 +202,7 @@ LAYER_POINTS = ("input_layernorm:out", "self_attn:q_rope", "self_attn:k_rope", "
                 "self_attn_layer_scale:out", "post_attention_layernorm:out", "mlp:out", ":out")
 
 
-def transformer_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor], attn: str) -> list[CompareResult]:
+def transformer_results(enc: CodecEncoder, ref, got: Calls, attn: str) -> list[CompareResult]:
     """Each transformer layer on upstream's recorded input (all its internal taps), then the stack end to end."""
     dev = next(enc.parameters()).device
     tr = enc.encoder_transformer
@@ -214,21 +218,22 @@ def transformer_results(enc: CodecEncoder, ref, got: dict[str, torch.Tensor], at
             layer(x, cos, sin, mask)
         for p in LAYER_POINTS:
             name = f"{base}{p}" if p.startswith(":") else f"{base}.{p}"
-            out.append(compare(name, rec.records[name][0], ref.tap(name), "block"))
+            out.extend(compare_calls(name, rec.records, ref, "block"))
         x = ref.tap(f"{base}:out").to(dev)
     last = f"{ENC}.encoder_transformer.layers.{len(tr.layers) - 1}:out"
-    out.append(compare(last + " (stack, from audio)", got[last], ref.tap(last), "stack"))
+    out.extend(compare_calls(last, got, ref, "stack", label=last + " (stack, from audio)"))
     return out
 
 
-def codes_results(ref, got: dict[str, torch.Tensor], items: list[torch.Tensor],
-                  tier: str = "stack") -> list[CompareResult]:
-    """The quantizer inputs at ``tier`` (stack in fp32; the fp64 tier for float64 runs), then the codes exactly."""
-    out = [compare(n, got[n], ref.tap(n), tier) for n in (
-        f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
-        f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")]
+def codes_results(ref, got: Calls, items: list[torch.Tensor], tier: str = "stack") -> list[CompareResult]:
+    """The quantizer inputs at ``tier`` (stack in fp32; the fp64 tier for float64 runs), then the codes exactly;
+    every recorded call of each."""
+    out = [r for n in (f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
+                       f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")
+           for r in compare_calls(n, got, ref, tier)]
     name = f"{ENC}.quantizer:codes"
-    out.append(compare_exact(name, got[name], ref.tap(name), axes=("batch", "codebook", "frame")))
+    out.extend(compare_calls(name, got, ref, "exact",
+                             judge=lambda n, a, b: compare_exact(n, a, b, axes=("batch", "codebook", "frame"))))
     for i, c in enumerate(items):
         name = f"speech_tokenizer:codes_{i}"
         out.append(compare_exact(name, c, ref.tap(name), axes=("frame", "codebook")))

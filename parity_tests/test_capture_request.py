@@ -154,6 +154,21 @@ def test_ours_vs_upstream_request_is_green(mode, checkpoint_dir, tmp_path, ref_w
         assert len(r.tap_steps("talker.model.norm:out")) == r.meta["decode_steps"] >= 2  # one per decode step
 
 
+def test_seeded_sampled_request_matches(upstream_cv, tmp_path):
+    """``--seed``: a sampled run (non-default temperature); our seeded generator draws upstream's stream, so the
+    codes and the logits of every decision agree."""
+    ckpt, _ = upstream_cv
+    req = Request(text=["Hello sampled."], speaker="ryan", seed=7, temperature=1.2, max_new_frames=FRAMES + 2)
+    taps = ["generate:*", "talker:*", "talker.code_predictor:*"]
+    up = _capture(req, ckpt, tmp_path / "upstream.h5", taps=taps)
+    ours = _capture(req, ckpt, tmp_path / "ours.h5", impl=True, taps=taps)
+    c = check_port(ours, up)
+    assert c.ok and "generate:codes" in {t.name for t in c.checks}, c.first_divergence
+    with RefFile(up) as r:
+        assert r.case["generate_kwargs"]["do_sample"] and r.case["generate_kwargs"]["temperature"] == 1.2
+        assert r.case["greedy"] is False and r.meta["seed"] == 7
+
+
 def test_planted_bug_is_the_first_divergence(upstream_cv, tmp_path, monkeypatch):
     """One wrong constant in our engine (layer 1's post-attention RMSNorm eps 1e-2 instead of the checkpoint's
     1e-6): the compare names that norm's output at the prefill as the first divergence, everything before it green."""
@@ -192,6 +207,25 @@ def test_capture_streams_every_step_and_says_what_it_left_out(upstream_cv, tmp_p
         assert list(f["left_out/steps"][()]) == [1, 3] and "talker.model.norm:out" in f["left_out/taps"].asstr()[()]
     with RefFile(up) as full, RefFile(out) as part:  # a kept call is the same tensor as in the full capture
         assert torch.equal(part.tap_steps("talker.model.layers.1:out")[1], full.tap_steps("talker.model.layers.1:out")[2])
+    ours = _capture(req, ckpt, tmp_path / "some-ours.h5", impl=True, taps=["talker.model.layers.1:*", "generate:codes"],
+                    steps=frozenset({0, 2}))
+    c = check_port(ours, out)  # the same subset on both sides lines up call for call
+    assert c.ok and len(c.checks) == 3, c.first_divergence
+
+
+def test_default_budget_is_the_same_on_both_sides(upstream_cv):
+    """Without --max-new-frames, each side counts the prompt's text tokens with its own tokenizer: the budgets (and so
+    the frames both sides may generate) must agree."""
+    from reference_export.request import _ImplRun, _UpstreamRun, check_request
+
+    ckpt, _ = upstream_cv
+    cfg = json.loads((ckpt / "config.json").read_text())
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    res = check_request(Request(text=["Hello there, a longer sentence.", "Hi"], speaker="ryan"), ckpt, cfg)
+    args = (res, ckpt, cfg, gen, "cpu", torch.float32, torch.float32, "sdpa")
+    n_up = _UpstreamRun(*args, model=_model(ckpt, False)).n_tokens
+    n_ours = _ImplRun(*args, model=_model(ckpt, True)).n_tokens
+    assert n_up == n_ours > 75 + 15 * 5  # the longer text has more than 5 tokens
 
 
 def test_interrupted_capture_leaves_no_file(upstream_cv, tmp_path, monkeypatch):
@@ -287,9 +321,54 @@ def test_request_file_writes_one_file_per_request(checkpoint_dir, tmp_path, caps
     f.write_text(json.dumps([{"text": "Hello.", "speaker": "ryan", "max_new_frames": 2},
                              {"text": "Bye.", "speaker": "eric", "max_new_frames": 2, "name": "bye"}]))
     (tmp_path / "out").mkdir()
+    capsys.readouterr()
     rc = export_main(["capture", "--checkpoint", str(checkpoint_dir("custom_voice")), "--request-file", str(f),
-                      "--out", str(tmp_path / "out" / "run.h5"), "--no-progress", "--taps", "generate:*"])
-    assert rc == 0, capsys.readouterr().err
+                      "--out", str(tmp_path / "out" / "run.h5"), "--taps", "generate:*"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "upstream decode" in err and "3/3" in err  # the progress bar: one tick per decode step
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run_0.h5", "run_bye.h5"]
     with RefFile(tmp_path / "out" / "run_bye.h5") as r:
         assert r.case["request"]["speaker"] == "eric" and r.tap_steps("generate:codes")[0].shape[1] == 16
+
+
+def test_capture_format_npz_writes_only_the_npz(checkpoint_dir, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "hello.npz"
+    rc = export_main(["capture", "--checkpoint", str(checkpoint_dir("custom_voice")), "--request", "--text", "Hi.",
+                      "--speaker", "ryan", "--max-new-frames", "2", "--taps", "generate:*", "--taps", "talker:*",
+                      "--format", "npz", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["hello.npz"]  # the HDF5 it streamed to is gone
+    keys = set(np.load(out).files)
+    assert {"generate:codes", "generate:wav", "talker:prompt_embeds", "talker:logits@step_2"} <= keys
+
+
+def test_a_hook_that_stops_firing_fails_the_capture(upstream_cv, tmp_path, monkeypatch):
+    """The request registry (``expected_request_taps``): a capture missing one of its taps raises, and no file is
+    left (here the logits hooks are not installed)."""
+    import reference_export.request as request
+
+    ckpt, _ = upstream_cv
+    monkeypatch.setattr(request, "_logit_hooks", lambda talker, rec: [])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match="did not record .*talker:logits"):
+        _capture(Request(text=["Hello there."], speaker="ryan", max_new_frames=1), ckpt, tmp_path / "out" / "r.h5")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_steps_and_taps_checked_against_what_ran():
+    """After the run: a --steps step the run never reached (it stopped early at EOS) and a --taps glob that matched
+    no tap are errors naming the argument (the file is then never renamed into place)."""
+    from reference_export.recorder import Recorder
+    from reference_export.request import RequestError, check_after
+
+    rec = Recorder(in_loop=True)
+    for step in range(3):
+        rec.step = step
+        rec.add("talker.model.norm:out", torch.zeros(1))
+    check_after(rec, ["talker.model.*"], frozenset({0, 2}))  # all present: no error
+    with pytest.raises(RequestError, match=r"--steps: step 5 is beyond the run \(decode steps 0..2 ran\)"):
+        check_after(rec, None, frozenset({1, 5}))
+    with pytest.raises(RequestError, match="--taps 'speaker_encoder.*': matches no tap"):
+        check_after(rec, ["talker.*", "speaker_encoder.*"], None)

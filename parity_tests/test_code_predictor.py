@@ -20,7 +20,7 @@ from impl.taps import recording
 from reports.compare import compare
 from reports.results import OURS
 
-from .helpers import load_model, teacher_run
+from .helpers import compare_calls, load_model, teacher_run
 
 VARIANTS = [pytest.param("base", id="base-linear-mtp"), pytest.param("custom_voice", id="custom_voice-identity-mtp")]
 
@@ -41,9 +41,9 @@ def test_teacher_forced(variant, checkpoint_dir, reference, device, attn, record
         if name not in got:
             pytest.fail(f"{name}: not recorded by impl (a missing tap is a failure)")
         tier = "stack" if ("lm_head" in name or "teacher_logits" in name) else "block"
-        r = compare(name, got[name].float(), ref.tap(name).float(), tier)
-        record(r, row="Code predictor (teacher-forced)", component="Code predictor", variant=variant)
-        results.append(r)
+        for r in compare_calls(name, got, ref, tier):  # every call, paired by index with upstream's
+            record(r, row="Code predictor (teacher-forced)", component="Code predictor", variant=variant)
+            results.append(r)
     assert len(results) >= 10
     assert all(results), " | ".join(r.message for r in results if not r)
 
@@ -66,12 +66,22 @@ def test_generation_matches_teacher_forcing(variant, checkpoint_dir, device, att
         f2 = cp.generate_frame(hidden, tts.talker.embed_codec(c0), cache, chooser)
         codes = torch.cat([c0, f1.codes], 1)
         teacher = cp.forward_teacher(hidden[:, 0], codes, tts.talker.embed_codec(c0))
-    gen_logits = torch.stack([rec.records[f"talker.code_predictor.lm_head.{j}:out"][0] for j in range(15)], 1)
+    # Each head ran three times: frame 1, frame 2, then the teacher-forced pass. Both generated frames are compared
+    # with the teacher (the second one proves the reset cache and restarted positions on the logits, not only on
+    # the argmax codes).
+    heads = [rec.records[f"talker.code_predictor.lm_head.{j}:out"] for j in range(15)]
+    assert all(len(h) == 3 for h in heads), f"lm_head calls: {[len(h) for h in heads]}, expected 3 each " \
+        "(two generated frames, one teacher-forced pass)"
     assert torch.equal(f1.codes, f2.codes) and torch.equal(teacher.argmax(-1), f1.codes)
-    r = compare("talker.code_predictor:logits (cached generation vs teacher-forced)", gen_logits, teacher, "stack")
-    record(r, row="Code predictor (generation vs teacher-forced)", component="Code predictor", variant=variant,
-           compares=OURS)
-    assert r, r.message
+    results = []
+    for k in range(2):
+        gen_logits = torch.stack([h[k] for h in heads], 1)  # (B, 15, V)
+        name = "talker.code_predictor:logits (cached generation vs teacher-forced)" + (" [frame 2]" if k else "")
+        r = compare(name, gen_logits, teacher, "stack")
+        record(r, row="Code predictor (generation vs teacher-forced)", component="Code predictor",
+               variant=variant, compares=OURS)
+        results.append(r)
+    assert all(results), " | ".join(r.message for r in results if not r)
 
 
 def test_bf16_referee(checkpoint_dir, reference, device, attn, record):
@@ -88,6 +98,7 @@ def test_bf16_referee(checkpoint_dir, reference, device, attn, record):
         up32, up16 = ref32.tap(name).float(), ref16.tap(name).float()
         up_err = float((up16 - up32).pow(2).mean().sqrt())
         r = compare(name, got[name].float(), up32, "referee", referee_ref_err=up_err)
-        record(r, row="bf16 referee", component="Code predictor", variant=variant)
+        record(r, row="bf16 referee (weak)", component="Code predictor", variant=variant,
+               notes="weak: a relative bar only (ours' error vs upstream fp32 ≤ 3 × upstream bf16's own); it passes an RMSNorm eps of 1e-2. bf16 is judged by the rows of test_bf16.py")
         results.append(r)
     assert all(results), " | ".join(r.message for r in results if not r)

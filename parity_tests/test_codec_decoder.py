@@ -112,6 +112,6 @@ def test_full_decoder_bf16_referee(checkpoint_dir, codec_env, device, attn, reco
         ours16 = load_codec(ckpt, device, attn, torch.bfloat16).decoder(codes.to(device)).double().cpu()
     up_err = float((up16 - ref32).pow(2).mean().sqrt())
     r = compare(f"{D}:out (bf16)", ours16, ref32, "referee", referee_ref_err=up_err)
-    record(r, row="Full decoder (bf16)", component=COMPONENT, variant=VARIANT,
-           notes="ours bf16 vs upstream fp32, judged against upstream bf16 vs upstream fp32")
+    record(r, row="Full decoder (bf16, weak referee)", component=COMPONENT, variant=VARIANT,
+           notes="ours bf16 vs upstream fp32, judged against upstream bf16 vs upstream fp32; weak: a relative bar only (ours' error vs upstream fp32 ≤ 3 × upstream bf16's own); it passes an RMSNorm eps of 1e-2. bf16 is judged by the rows of test_bf16.py")
     assert r, r.message

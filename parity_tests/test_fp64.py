@@ -27,6 +27,13 @@ Rows (component "<name>, fp64"):
 - Speaker encoder: the mel, every block fed upstream's input, the network from upstream's mel, the x-vector from
   the stored 16 kHz clip.
 
+Every float tap an fp64 row compares is float64 on both sides, asserted before it is compared
+(``helpers.check_fp64``, through ``helpers.compare_tap``: the one place every row here and
+``helpers_codec.row_results`` compares at this tier); ``compare`` measures in float64 whatever it is given, so a side
+left in float32 would otherwise be judged on fp32 values. The mel is fp32 on both sides by design (see its row) and
+is compared where it enters the encoder, cast to the encoder's float64 as both sides do. Every call of a recorded
+tap is compared (``helpers.compare_calls``), not only the first.
+
 Mutation self-test: the codec decoder's ConvNeXt LayerNorm with eps 1e-5 instead of upstream's 1e-6 leaves the
 fp32 "ConvNeXtBlock" row green (block tier) and must turn its fp64 row red.
 """
@@ -51,7 +58,7 @@ from reference_export.cases.speaker import block_names
 from reference_export.cases.talker import layer_taps
 from reports.compare import CompareResult, compare, compare_exact
 
-from .helpers import LAYER0_ROWS, run_stack, teacher_run
+from .helpers import LAYER0_ROWS, Calls, check_fp64, compare_calls, compare_tap, run_stack, teacher_run
 from .helpers_codec import ENC, LAYER_POINTS, build_encoder, codes_results, load_codec, row_results, rows
 from .rows import Row, assert_row, missing
 
@@ -61,13 +68,20 @@ DT = "float64"  # the reference's dtype (upstream after .to(float64); the codec 
 
 
 def judge(name: str, got: torch.Tensor | None, ref, tier: str = "fp64") -> CompareResult:
-    """Tap ``name`` of ours vs the fp64 reference, never rounded to fp32 on the way (``compare`` measures in
-    float64; ``rows.compare_row`` casts to fp32 for the fp32 tiers, so it is not used here)."""
+    """Tap ``name`` of ours (a value computed here, not recorded) vs the fp64 reference, never rounded to fp32 on
+    the way (``compare`` measures in float64; ``rows.compare_row`` casts to fp32 for the fp32 tiers, so it is not
+    used here), float64 on both sides asserted first (``compare_tap``)."""
     if got is None:
         return missing(name, "impl", tier)
     if not ref.has(name):
         return missing(name, f"the reference {ref.path.name}", tier)
-    return compare(name, got, ref.tap(name), tier)
+    return compare_tap(name, got, ref.tap(name), tier)
+
+
+def judge_calls(name: str, got: Calls, ref, tier: str = "fp64", label: str | None = None) -> list[CompareResult]:
+    """Every call ``impl`` recorded of tap ``name`` vs every call of the reference, paired by index, at ``tier``
+    (float64 on both sides asserted per call)."""
+    return compare_calls(name, got, ref, tier, label=label)
 
 
 def build_talker64(ckpt) -> Talker:
@@ -111,7 +125,7 @@ def test_talker(row_name, talker_run, talker64, record):
     got, ref = talker_run
     n = len(talker64.model.layers)
     row = {r.name: r for r in _talker_rows(n)}[row_name]
-    results = [judge(t, got.get(t), ref, row.tier_of(t)) for t in row.taps]
+    results = [r for t in row.taps for r in judge_calls(t, got, ref, row.tier_of(t))]
     for r in results:
         record(r, row=f"{row.name} (fp64)", component="Talker, fp64", variant=VARIANT,
                notes=f"layer {n - 1} of {n}" if row.name == "Last layer" else "")
@@ -124,7 +138,7 @@ def test_talker(row_name, talker_run, talker64, record):
 def test_code_predictor(talker64, reference, record):
     ref = reference("lm_cp_teacher", VARIANT, dtype=DT, device="cpu")
     got = teacher_run(SimpleNamespace(talker=talker64, device="cpu", attn="eager"), ref, F64)
-    results = [judge(n, got.get(n), ref) for n in ref.meta["expected_taps"]]
+    results = [r for n in ref.meta["expected_taps"] for r in judge_calls(n, got, ref)]
     assert len(results) >= 10
     for r in results:
         record(r, row="Code predictor (teacher-forced, fp64)", component="Code predictor, fp64", variant=VARIANT)
@@ -165,7 +179,7 @@ def encoder_run(checkpoint_dir, reference):
     with recording(enc, ENC) as rec, torch.no_grad():
         out = enc(ref.input("audio").to(F64), ref.input("padding_mask"))
     items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
-    return enc, ref, {k: v[0] for k, v in rec.records.items()}, items
+    return enc, ref, Calls(rec.records), items
 
 
 def _seanet(enc, ref, got) -> list[CompareResult]:
@@ -177,7 +191,7 @@ def _seanet(enc, ref, got) -> list[CompareResult]:
             out.append(judge(name, layer(x), ref))
             x = ref.tap(name)  # the next layer starts from upstream's output
     name = f"{ENC}.encoder:out"
-    out.append(compare(name + " (stack, from audio)", got[name], ref.tap(name), "fp64"))
+    out.extend(judge_calls(name, got, ref, label=name + " (stack, from audio)"))
     return out
 
 
@@ -194,10 +208,10 @@ def _transformer(enc, ref, got) -> list[CompareResult]:
             layer(x, cos, sin, mask)
         for p in LAYER_POINTS:
             name = f"{base}{p}" if p.startswith(":") else f"{base}.{p}"
-            out.append(judge(name, rec.records.get(name, [None])[0], ref))
+            out.extend(judge_calls(name, Calls(rec.records), ref))
         x = ref.tap(f"{base}:out")
     last = f"{ENC}.encoder_transformer.layers.{len(tr.layers) - 1}:out"
-    out.append(compare(last + " (stack, from audio)", got[last], ref.tap(last), "fp64"))
+    out.extend(judge_calls(last, got, ref, label=last + " (stack, from audio)"))
     return out
 
 
@@ -237,7 +251,10 @@ def speaker64(checkpoint_dir, reference):
 
 def _mel(se, ref, cfg) -> list[CompareResult]:
     got = impl.mel.mel_spectrogram(ref.tap("speaker_encoder:wav24k")[None]).transpose(1, 2)  # fp32, as upstream
-    return [compare("speaker_encoder:in (mel)", got, ref.tap("speaker_encoder:in"), "fp64")]
+    # The tap is the encoder's input: both sides build the mel in fp32 (upstream's fp32 island) and cast it to the
+    # encoder's dtype before the network (impl.speaker_encoder.extract_xvector does the same), so ours is taken at
+    # that point too: our fp32 mel cast to float64, against upstream's float64 input.
+    return [compare_tap("speaker_encoder:in (mel)", got.to(F64), ref.tap("speaker_encoder:in"), "fp64")]
 
 
 def _blocks(se, ref, cfg) -> list[CompareResult]:
@@ -247,12 +264,15 @@ def _blocks(se, ref, cfg) -> list[CompareResult]:
             mod = se.get_submodule(name.removeprefix("speaker_encoder."))
             out.append(judge(f"{name}:out", mod(ref.tap(f"{name}:in")), ref))
         y = se(ref.tap("speaker_encoder:in")).embedding
-    out.append(compare("speaker_encoder:out (stack, from upstream's mel)", y, ref.tap("speaker_encoder:out"), "fp64"))
+    out.append(compare_tap("speaker_encoder:out (stack, from upstream's mel)", y, ref.tap("speaker_encoder:out"),
+                           "fp64"))
     return out
 
 
 def _xvector(se, ref, cfg) -> list[CompareResult]:
     wav24 = load_reference_audio((ref.input("wav").numpy(), int(ref.input("sample_rate"))))
+    # The 24 kHz clip is float32 numpy on both sides (the audio intake, before any model dtype): judged bit for bit
+    # (exact tier), not at fp64; the x-vector after it is float64 on both sides.
     return [compare_exact("speaker_encoder:wav24k", torch.from_numpy(wav24), ref.tap("speaker_encoder:wav24k"),
                           axes=("sample",)),
             judge("speaker_encoder:xvector", extract_xvector(se, wav24, 24000), ref)]
@@ -309,3 +329,41 @@ def test_mutation_layernorm_eps_hidden_in_fp32(checkpoint_dir, reference, record
         " | ".join(r.message for r in fp32 if not r)
     assert not any(fp64), "mutation convnext-layernorm-eps left the fp64 ConvNeXtBlock row green: " \
         "the fp64 tier cannot see an eps typo"
+
+
+# ------------------------------------------------------------------------------------------ the float64 check
+
+
+def test_fp64_check_refuses_a_float32_side():
+    """``check_fp64`` (run by ``compare_tap`` before every fp64 comparison) fails, naming the tap and both dtypes,
+    when either side is float32, although ``compare`` alone would pass these equal values."""
+    x = torch.arange(-4, 4, dtype=F64) / 4  # exact in float32 too: the values agree whatever the dtype
+    check_fp64("t:out", x, x.clone())  # both float64: no complaint
+    assert compare_tap("t:out", x, x.clone(), "fp64")
+    for ours, theirs in ((x.float(), x), (x, x.float())):
+        assert compare("t:out", ours, theirs, "fp64"), "compare alone passes a float32 side: the check refuses it"
+        with pytest.raises(AssertionError, match=rf"t:out: an fp64 row compares float64 on both sides, got ours "
+                                                 rf"{ours.dtype}, upstream {theirs.dtype}"):
+            compare_tap("t:out", ours, theirs, "fp64")
+    assert compare_tap("t:out", x.float(), x.float(), "block"), "the fp32 tiers take float32 as before"
+    ids = torch.arange(4)
+    assert compare_tap("t:codes", ids, ids.clone(), "fp64"), "integer taps are judged exactly, not dtype-checked"
+
+
+@pytest.mark.parametrize("side", ["ours", "upstream"])
+def test_fp64_row_refuses_a_float32_side(side, checkpoint_dir, reference):
+    """A real fp64 row (the codec decoder's "Quantizer decode", through ``helpers_codec.row_results``) with one
+    side in float32 -- our codec loaded in float32, or the reference captured in float32 -- raises the check's
+    assertion instead of comparing."""
+    ckpt = checkpoint_dir(VARIANT)
+    st_cfg = json.loads((ckpt / "speech_tokenizer" / "config.json").read_text())
+    row = {r.name: r for r in rows(st_cfg)}["Quantizer decode"]
+    row = Row(row.name, (), "fp64", driver=row.driver)
+    ours_dt, ref_dt = (torch.float32, DT) if side == "ours" else (F64, "float32")
+    codec = load_codec(ckpt, "cpu", "eager", ours_dt)
+    ref = reference("codec_decoder", VARIANT, dtype=ref_dt, device="cpu")
+    want = "ours torch.float32, upstream torch.float64" if side == "ours" else \
+        "ours torch.float64, upstream torch.float32"
+    with pytest.raises(AssertionError, match=r"speech_tokenizer\.decoder\.quantizer\..*: an fp64 row compares "
+                                             rf"float64 on both sides, got {want}"):
+        row_results(row, codec, ref, "eager")

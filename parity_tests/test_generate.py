@@ -169,9 +169,21 @@ def test_loop_taps(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference,
         "Talker final norm": (["talker.model.norm:out"], "block"),
         "Codec logits": (["talker.codec_head:out"], "stack"),
     }
+    # Every call is compared up to the first code divergence (``n_calls``); after it the two runs consume different
+    # frames and may stop at different steps, so their later calls do not correspond. Call counts: ours runs each
+    # of these modules exactly once per talker call (per frame for the predictor's heads), and with no divergence
+    # upstream ran exactly as many calls: a module run once more, or once less, on either side fails.
+    whole = n_calls == res.n_tokens
+
+    def check_calls(name: str, per_run: int) -> None:
+        n_ours, n_up = len(recs.get(name, [])), len(ref.tap_steps(name))
+        assert n_ours == per_run, f"{name}: impl recorded {n_ours} calls in a run of {per_run}"
+        assert n_up == n_ours or not whole, f"{name}: impl recorded {n_ours} calls, upstream {n_up}, codes equal"
+
     all_ok = []
     for row, (names, tier) in groups.items():
         for name in names:
+            check_calls(name, res.n_tokens)
             got, want = recs[name][:n_calls], ref.tap_steps(name)[:n_calls]
             assert len(got) == len(want) == n_calls, f"{name}: {len(got)} impl calls vs {len(want)} upstream"
             g0, w0 = got[0], want[0]
@@ -188,6 +200,7 @@ def test_loop_taps(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference,
     n_frames = n_calls - 1
     for j in range(15):
         name = f"talker.code_predictor.lm_head.{j}:out"
+        check_calls(name, res.n_tokens - 1)  # once per frame: the last talker call ends the run, no frame after it
         got = torch.stack(recs[name][:n_frames])  # (F, B, V)
         want = torch.stack([t[:, -1] for t in ref.tap_steps(name)[:n_frames]])
         r = compare(name, got.float(), want.float(), "stack")

@@ -14,8 +14,8 @@ from torch import nn
 import impl.layers as layers
 from reports.compare import CompareResult
 
-from .helpers import LAYER0_ROWS, build_talker, run_stack
-from .rows import Row, compare_row
+from .helpers import LAYER0_ROWS, build_talker, compare_row_calls, run_stack
+from .rows import Row
 
 ROWS = LAYER0_ROWS
 
@@ -68,8 +68,8 @@ def test_mutation_turns_row_red(name, checkpoint_dir, reference, monkeypatch, re
     got = run_stack(talker, ref, "cpu", "eager")
     # bf16: the same-dtype rows compare exactly (test_layer0_bf16_same_dtype: unmutated, every tap is equal)
     rows = {n: Row(r.name, r.taps, "exact") for n, r in ROW.items()} if dtype == "bfloat16" else ROW
-    red = compare_row(rows[red_row], got, ref)
-    green = compare_row(rows[green_row], got, ref)
+    red = compare_row_calls(rows[red_row], got, ref)
+    green = compare_row_calls(rows[green_row], got, ref)
     label = red_row + (" (bf16 vs upstream bf16)" if dtype == "bfloat16" else "")
     for r in red:
         record(r, row=f"mutation {name} → {label}", component="Mutation self-test", variant="custom_voice",

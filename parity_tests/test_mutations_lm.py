@@ -30,7 +30,7 @@ from impl.prompt import build
 from reference_export.cases.lm import gen_case_name
 from reports.compare import compare
 
-from .helpers import compare_codes, requests_from_ref, run_impl, teacher_run
+from .helpers import compare_calls, compare_codes, requests_from_ref, run_impl, teacher_run
 
 # ------------------------------------------------------------------------------------------------ rows
 
@@ -39,7 +39,7 @@ def rows_teacher(tts, reference, variant):
     ref = reference("lm_cp_teacher", variant)
     got = teacher_run(tts, ref)
     name = "talker.code_predictor:teacher_logits"
-    return "Code predictor (teacher-forced)", [compare(name, got[name].float(), ref.tap(name).float(), "stack")]
+    return "Code predictor (teacher-forced)", compare_calls(name, got, ref, "stack")  # every call, by index
 
 
 def rows_prompt(tts, reference, case, variant, label):

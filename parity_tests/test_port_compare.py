@@ -27,3 +27,21 @@ def test_first_divergence_follows_execution_order_and_missing_taps_count(tmp_pat
     results, missing = compare_files(ours, ref, "op")
     assert [r.name for r in results if not r] == ["z.layer2:out", "a.late:out"]  # upstream order, not by name
     assert missing == ["z.layer3:out"]
+
+
+def test_first_divergence_is_earliest_in_time_across_decode_steps(tmp_path):
+    """A tap that first ran in the prefill but diverges only at decode step 1 comes *after* a later-ordered tap that
+    diverges in the prefill (step 0): the first divergence is the earliest in time, by (step, order)."""
+    from reports.port_compare import check_port
+
+    g = torch.Generator().manual_seed(0)
+    recs = OrderedDict([("m.early:out", [torch.randn(4, generator=g), torch.randn(4, generator=g)]),
+                        ("m.late:out", [torch.randn(4, generator=g)])])
+    ref = write_refs(tmp_path / "ref.h5", meta={}, case={}, inputs={}, records=recs,
+                     steps={"m.early:out": [0, 1], "m.late:out": [0]}, progress=False)
+    ours = OrderedDict((k, [t.clone() for t in v]) for k, v in recs.items())
+    ours["m.early:out"][1][0] += 1.0  # step 1
+    ours["m.late:out"][0][0] += 1.0  # step 0, later in execution order
+    c = check_port(_file(tmp_path / "ours.h5", ours), ref, "op")
+    assert [t.label for t in c.checks if not t.result] == ["m.early:out@step_1", "m.late:out"]
+    assert c.first_divergence.label == "m.late:out", c.first_divergence.label

@@ -28,9 +28,9 @@ from impl.prompt import (
 )
 from impl.talker import Talker
 from reference_export.cases.lm import MODES, gen_case_name
-from reports.compare import compare, compare_exact
+from reports.compare import compare_exact
 
-from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME
+from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, call_name, compare_calls
 from .helpers_bf16 import bf16_run, three_way
 
 
@@ -41,22 +41,25 @@ def test_prompt_embeddings(mode, nsm, gen_run, record, dtype, checkpoint_dir, re
     if dtype == torch.bfloat16:  # ours-bf16 vs upstream-bf16 on the same inputs, upstream fp32 as the truth
         ref16, ref32, _, recs, _, _ = bf16_run(reference, checkpoint_dir, device, attn, gen_case_name(mode, nsm),
                                                variant)
-        results = [three_way(n, recs[n][0], ref16.tap(n), ref32.tap(n), f"{device} bf16")
-                   for n in ("talker:prompt_embeds", "talker:trailing_text")]
-        results.append(compare_exact("talker:prompt_mask", recs["talker:prompt_mask"][0].long(),
-                                     ref16.tap("talker:prompt_mask").long()))
+        results = []
+        for n in ("talker:prompt_embeds", "talker:trailing_text"):  # every call, paired by index on all three runs
+            ours, u16, u32 = recs.get(n, []), ref16.tap_steps(n), ref32.tap_steps(n)
+            assert len(ours) == len(u16) == len(u32), \
+                f"{n}: calls recorded: ours {len(ours)}, upstream bf16 {len(u16)}, upstream fp32 {len(u32)}"
+            results += [three_way(call_name(n, i, len(ours)), a, b, c, f"{device} bf16")
+                        for i, (a, b, c) in enumerate(zip(ours, u16, u32))]
+        results += compare_calls("talker:prompt_mask", recs, ref16, "exact",
+                                 judge=lambda n, a, b: compare_exact(n, a.long(), b.long()))
         for r in results:
             record(r, row=row + ", bf16", component="Prompt, bf16", variant=variant)
         assert all(results), " | ".join(r.message for r in results if not r)
         return
     ref, _, recs = gen_run(gen_case_name(mode, nsm), variant)
-    tier = "op"
-    results = [
-        compare("talker:prompt_embeds", recs["talker:prompt_embeds"][0].float(), ref.tap("talker:prompt_embeds").float(), tier),
-        compare("talker:trailing_text", recs["talker:trailing_text"][0].float(), ref.tap("talker:trailing_text").float(), tier),
-    ]
-    results.append(compare_exact("talker:prompt_mask", recs["talker:prompt_mask"][0].long(),
-                                 ref.tap("talker:prompt_mask").long()))
+    # Every call of each prompt tap (one per generation on both sides), paired by index: a count that differs fails.
+    results = compare_calls("talker:prompt_embeds", recs, ref, "op") + \
+        compare_calls("talker:trailing_text", recs, ref, "op")
+    results += compare_calls("talker:prompt_mask", recs, ref, "exact",
+                             judge=lambda n, a, b: compare_exact(n, a.long(), b.long()))
     for r in results:
         record(r, row=row, component="Prompt", variant=variant)
     assert all(results), " | ".join(r.message for r in results if not r)

@@ -544,3 +544,13 @@ def test_provenance_sha_says_dirty_when_the_code_differs_from_head(tmp_path):
     assert short_sha(head + "+dirty") == head[:10] + "+dirty"
     assert "unknown" not in freshness(head + "+dirty", "d", repo).stale  # the commit is still looked up
     assert git_sha(tmp_path / "not-a-repo") == "unknown"
+
+
+def test_recorded_messages_hide_this_machines_folders():
+    """Committed reports are read elsewhere: a row message naming a cached checkpoint or the clone shows <cache> /
+    <repo>, never this machine's absolute path."""
+    from conftest import CACHE, ROOT, machine_paths_hidden
+
+    msg = f"{CACHE / 'ckpt' / 'x' / 'model.safetensors'}: bad key; see {ROOT / 'README.md'}"
+    shown = machine_paths_hidden(msg)
+    assert shown == "<cache>/ckpt/x/model.safetensors: bad key; see <repo>/README.md", shown

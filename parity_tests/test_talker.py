@@ -27,7 +27,7 @@ from reference_export.cases.talker import layer_taps
 from reports.compare import compare, compare_exact
 from reports.results import FORMULA, OURS
 
-from .helpers import build_talker, load_model, requests_from_ref, run_stack
+from .helpers import build_talker, compare_calls, load_model, requests_from_ref, run_stack
 
 
 def _layer_results(got, ref, layers, attn, record, component, variant, preset=""):
@@ -38,11 +38,12 @@ def _layer_results(got, ref, layers, attn, record, component, variant, preset=""
                 continue
             if name not in got:
                 pytest.fail(f"{name}: not recorded by impl (a missing tap is a failure)")
-            # Layers after the first see our own (not upstream's) previous layer: every tap is judged as a block.
-            r = compare(name, got[name].float(), ref.tap(name).float(), "block")
-            record(r, row="Talker layers", component=component, variant=variant, notes=f"layer {i}",
-                   preset_override=preset)
-            results.append(r)
+            # Layers after the first see our own (not upstream's) previous layer: every tap is judged as a block,
+            # every call of it (paired by index with upstream's).
+            for r in compare_calls(name, got, ref, "block"):
+                record(r, row="Talker layers", component=component, variant=variant, notes=f"layer {i}",
+                       preset_override=preset)
+                results.append(r)
     return results
 
 
@@ -54,10 +55,9 @@ def test_talker_layers(variant, checkpoint_dir, reference, device, attn, record)
     assert n >= 2, "need a stack with more than one layer"
     got = run_stack(build_talker(checkpoint_dir(variant), device), ref, device, attn)
     results = _layer_results(got, ref, range(1, n), attn, record, "Talker", variant)
-    r = compare("talker.model.norm:out", got["talker.model.norm:out"].float(), ref.tap("talker.model.norm:out").float(),
-                "block")
-    record(r, row="Talker final norm", component="Talker", variant=variant)
-    results.append(r)
+    for r in compare_calls("talker.model.norm:out", got, ref, "block"):
+        record(r, row="Talker final norm", component="Talker", variant=variant)
+        results.append(r)
     assert all(results), " | ".join(x.message for x in results if not x)
 
 
@@ -69,10 +69,9 @@ def test_talker_layers_released_dims(dims, variant, checkpoint_dir, reference, d
     n = 28
     layers = [n // 2, n - 1] if dims == "0.6b" else [0, n // 2, n - 1]  # 0.6b layer 0: test_talker_layer.py
     results = _layer_results(got, ref, layers, attn, record, f"Talker ({dims} dims)", variant, dims)
-    r = compare("talker.model.norm:out", got["talker.model.norm:out"].float(),
-                ref.tap("talker.model.norm:out").float(), "stack")
-    record(r, row="Talker final norm", component=f"Talker ({dims} dims)", variant=variant, preset_override=dims)
-    results.append(r)
+    for r in compare_calls("talker.model.norm:out", got, ref, "stack"):
+        record(r, row="Talker final norm", component=f"Talker ({dims} dims)", variant=variant, preset_override=dims)
+        results.append(r)
     assert all(results), " | ".join(x.message for x in results if not x)
 
 
@@ -160,6 +159,7 @@ def test_bf16_referee(checkpoint_dir, reference, device, attn, record):
             ours, up32, up16 = ours[mask], up32[mask], up16[mask]
         up_err = float((up16.float() - up32.float()).pow(2).mean().sqrt())
         r = compare(name, ours.float(), up32.float(), "referee", referee_ref_err=up_err)
-        record(r, row="bf16 referee", component="Talker", variant="custom_voice")
+        record(r, row="bf16 referee (weak)", component="Talker", variant="custom_voice",
+               notes="weak: a relative bar only (ours' error vs upstream fp32 ≤ 3 × upstream bf16's own); it passes an RMSNorm eps of 1e-2. bf16 is judged by the rows of test_bf16.py")
         results.append(r)
     assert all(results), " | ".join(x.message for x in results if not x)

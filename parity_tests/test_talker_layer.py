@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import LAYER0_ROWS, build_talker, run_stack
-from .rows import Row, assert_row, compare_row
+from .helpers import LAYER0_ROWS, build_talker, compare_row_calls, run_stack
+from .rows import Row, assert_row
 
 ROWS = LAYER0_ROWS
 
@@ -38,7 +38,7 @@ def stack_runs(checkpoint_dir, reference, device, attn):
 def _check(row: Row, got, ref, attn: str):
     if row.name == "Attention (probabilities)" and attn != "eager":
         pytest.skip("attention probabilities exist only on the eager path (run with --attn eager)")
-    return compare_row(row, got, ref)
+    return compare_row_calls(row, got, ref)  # every call of every tap, paired by index
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -93,7 +93,8 @@ def test_layer0_bf16_referee(row: Row, checkpoint_dir, reference, record):
     for name in row.taps:
         up_err = _rms(ref16.tap(name).double() - ref32.tap(name).double())
         r = compare(name, got[name].float(), ref32.tap(name).float(), "referee", referee_ref_err=up_err)
-        record(r, row=f"{row.name} (bf16 vs fp32)", component="Talker layer 0, bf16", variant=variant)
+        record(r, row=f"{row.name} (bf16 vs fp32, weak)", component="Talker layer 0, bf16", variant=variant,
+               notes="weak: a relative bar only (ours' error vs upstream fp32 ≤ 3 × upstream bf16's own); it passes an RMSNorm eps of 1e-2. bf16 is judged by the rows of test_bf16.py")
         results.append(r)
     assert_row(row.name, results)
 
@@ -112,7 +113,7 @@ def test_layer0_bf16_same_dtype(row: Row, checkpoint_dir, reference, record):
     norm that multiplies its weight in fp32 and casts after) which the referee ratio, at ~1x upstream's own bf16
     error, cannot."""
     got, ref16 = run_bf16_same_dtype(checkpoint_dir, reference)
-    results = compare_row(Row(row.name, row.taps, "exact"), got, ref16)
+    results = compare_row_calls(Row(row.name, row.taps, "exact"), got, ref16)
     for r in results:
         record(r, row=f"{row.name} (bf16 vs upstream bf16)", component="Talker layer 0, bf16", variant="custom_voice")
     assert_row(row.name, results)

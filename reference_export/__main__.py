@@ -25,10 +25,16 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["measure-capture"]:  # opt-in: released-size capture cost (measure_capture.py)
+        from .measure_capture import main as measure_main
+
+        return measure_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m reference_export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("bench", add_help=False, help="speed: ours vs upstream on one folder (bench --help)")
+    sub.add_parser("measure-capture", add_help=False,
+                   help="peak RSS, wall time and file size of a request capture (measure-capture --help)")
     s = sub.add_parser("synth", help="write a synthetic checkpoint folder (real layout, random weights)")
     s.add_argument("--preset", required=True, choices=PRESET_NAMES)
     s.add_argument("--variant", required=True, choices=VARIANTS)
@@ -162,6 +168,11 @@ def _capture_requests(a: argparse.Namespace) -> list[Path]:
         raise RequestError(f"--checkpoint {ck}: not a checkpoint folder (no config.json)")
     import json
 
+    from impl.config import Qwen3TTSConfig, SpeechTokenizerConfig
+    from impl.loading import read_state_dict
+
+    Qwen3TTSConfig.from_file(ck / "config.json")  # the checkpoint's configs parse, as for --case
+    SpeechTokenizerConfig.from_file(ck / "speech_tokenizer" / "config.json")
     cfg = json.loads((ck / "config.json").read_text())
     from .request import check_steps_before
 
@@ -174,6 +185,8 @@ def _capture_requests(a: argparse.Namespace) -> list[Path]:
         target, through = check_output(o)
         if through:
             raise OutputError(f"{o}: not a regular file; a capture is written atomically to a regular file")
+    for folder in (ck, ck / "speech_tokenizer"):
+        read_state_dict(folder)  # truncation, NaN/Inf and all-zero matrices raise here, before anything loads
     from .export import DTYPES
 
     model = None

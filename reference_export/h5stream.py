@@ -6,7 +6,7 @@ works unchanged; what differs is when the data is written:
 - a tap's first kept call is written as the dataset ``/taps/<module>/<point>``; when a second call arrives, that
   dataset is moved (an HDF5 link move, no copy) to ``<point>/step_<call>`` of a new group and the next calls join it.
   ``step_NNNNN`` numbers the tap's *call* (0, 1, 2 … over the whole run), so a ``--steps`` subset keeps each kept
-  call's own number; attrs ``step`` (decode step), ``call`` and ``in_loop`` say where it ran;
+  call's own number; attrs ``step`` (decode step) and ``call`` say where it ran;
 - datasets of 1,024 elements or more are chunked and gzip-compressed (level 4, byte shuffle): gzip is in every
   HDF5 build, so readers without h5py's own filters open the file;
 - nothing is buffered for the whole run: memory holds one tap call at a time.

@@ -65,10 +65,6 @@ class Recorder:
     left_out_steps: set[int] = field(default_factory=set)  # decode steps ``steps`` dropped
     loop_steps: set[int] = field(default_factory=set)  # decode steps that ran
 
-    @property
-    def steps_recorded(self) -> dict[str, list[int]]:
-        return self.step_of
-
     def wants(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, g) for g in self.include) and \
             not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)

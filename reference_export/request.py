@@ -6,8 +6,8 @@ and transcript, x-vector-only, text feeding, frame budget, seed). :func:`capture
 - on upstream (default) through upstream's **own** generation path: the inference wrapper
   ``Qwen3TTSModel.generate_custom_voice`` / ``generate_voice_design`` / ``generate_voice_clone`` (prompt building,
   tokenisation, ``model.generate``, the codec decode and the ICL cut are upstream's code), built around the models
-  :func:`reference_export.upstream.load_upstream` loaded once in the requested dtype (no second copy), with the
-  harness's own recorder (:mod:`reference_export.recorder`) on every module;
+  :func:`reference_export.upstream.load_upstream` loaded in the requested dtype (once per command, reused across a
+  request file), with the harness's own recorder (:mod:`reference_export.recorder`) on every module;
 - or, with ``impl=True`` (``capture --impl``), on our engine (``impl.Qwen3TTS``) through ``impl.taps``, under the
   same tap names, so ``python -m reports compare ours.h5 upstream.h5`` names the first divergence.
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,6 @@ class Request:
     top_p: float | None = None
     repetition_penalty: float | None = None
     name: str | None = None  # request files: names the output file (default: the index)
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def greedy(self) -> bool:
@@ -126,9 +125,7 @@ class Request:
         return {k: getattr(self, k) for k in SAMPLING_KEYS if getattr(self, k) is not None}
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 def request_from_args(a) -> Request:
@@ -157,7 +154,7 @@ def load_request_file(path: str | Path) -> list[Request]:
     if not isinstance(data, list) or not data:
         what = "an empty list" if data == [] else f"a JSON {type(data).__name__}"
         raise RequestError(f"{where}: expected a non-empty list of requests, got {what}")
-    known = {f.name for f in fields(Request)} - {"extra"}
+    known = {f.name for f in fields(Request)}
     out = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
@@ -336,9 +333,11 @@ def capture_request(req: Request, checkpoint: str | Path, out: str | Path, *, im
                     progress: bool = True, model=None, all_taps: bool = False) -> Path:
     """Run ``req`` on upstream (or, ``impl=True``, on our engine) and write its capture to ``out`` (HDF5, atomic).
 
-    ``taps``: globs of tap names to keep (default: all), less ``DEFAULT_SKIP`` unless ``all_taps``; ``steps``: decode steps to keep (taps
-    outside the decode loop are always kept). ``model``: an already loaded upstream (:class:`Upstream`) or
-    ``impl.Qwen3TTS`` on ``device`` in these dtypes, reused across requests."""
+    ``taps``: globs of tap names to keep (default: all), less ``DEFAULT_SKIP`` unless ``all_taps``; ``steps``:
+    decode steps to keep (taps outside the decode loop are always kept). ``model``: an already loaded upstream
+    (:class:`Upstream`) or ``impl.Qwen3TTS`` on ``device`` in these dtypes, reused across requests. Without
+    ``taps``, every tap of :func:`expected_request_taps` must have been recorded (a hook that stopped firing fails
+    here, never as a silently thinner file)."""
     import h5py
 
     from impl.outfile import atomic_path
@@ -370,6 +369,12 @@ def capture_request(req: Request, checkpoint: str | Path, out: str | Path, *, im
         rec.sink = stream
         result = run.run(rec, stream, progress)
         check_after(rec, taps, steps)
+        expected = expected_request_taps(cfg, res)
+        missing = [t for t in expected if t not in rec.calls] if not taps else []
+        if missing:
+            raise RuntimeError(f"request capture ({'impl' if impl else 'upstream'}): the run did not record "
+                               f"{len(missing)} expected tap(s), e.g. {missing[:3]}")
+        stream.set_meta({"expected_taps": expected if not taps else []})
         settings = {"request": req.to_json(), "mode": res.mode, "texts": res.texts, "language": req.language,
                     "speaker": req.speaker, "instruct": req.instruct, "ref_text": req.ref_text,
                     "ref_audio": req.ref_audio, "x_vector_only": req.x_vector_only, "icl": res.icl,
@@ -385,6 +390,21 @@ def capture_request(req: Request, checkpoint: str | Path, out: str | Path, *, im
                          "tap_bytes_raw": stream.bytes_written})
         stream.left_out(sorted(rec.left_out), sorted(rec.left_out_steps))
     return Path(out)
+
+
+def expected_request_taps(cfg: dict, res: Resolved) -> list[str]:
+    """What every request capture records (the registry for requests): the prompt, every talker layer's output per
+    step, the logits each decision read, the per-item results, the decoded waveform, and in Base modes the x-vector
+    (and, ICL, the reference codes)."""
+    tc = cfg["talker_config"]
+    taps = ["talker:prompt_embeds", "talker:prompt_mask", "talker:trailing_text", "generate:text_ids",
+            "talker.model.norm:out", "talker:logits", "generate:codes", "generate:hidden", "generate:wav",
+            "speech_tokenizer.decoder:out"]
+    taps += [f"talker.model.layers.{i}:out" for i in range(tc["num_hidden_layers"])]
+    taps += [f"talker.code_predictor:logits_{j}" for j in range(tc["num_code_groups"] - 1)]
+    if res.mode == "voice_clone":
+        taps += ["generate:xvector"] + (["generate:ref_codes"] if res.icl else [])
+    return taps
 
 
 def _meta(checkpoint: Path, cfg: dict, device: str, dtype: str, codec_dtype: str, attn: str, impl: bool,
@@ -411,7 +431,7 @@ class _Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=f"{what} decode", unit="step", file=sys.stderr, disable=not enabled,
-                        leave=False)
+                        leave=False, mininterval=0, miniters=1)  # every step drawn: a step is never too frequent
 
     def tick(self) -> None:
         self.bar.update(1)
@@ -444,8 +464,8 @@ class _UpstreamRun:
         self.res, self.checkpoint, self.device = res, checkpoint, device
         self.up = model or load_upstream(checkpoint, device=device, dtype=dtype, attn=attn, codec_dtype=codec_dtype)
         self.wrapper = upstream_wrapper(self.up, checkpoint, gen_cfg, device)
-        counts = [len(self.wrapper.processor(text=self.wrapper._build_assistant_text(t))["input_ids"])
-                  for t in res.texts]
+        counts = [int(ids.shape[-1]) for ids in  # upstream's own tokenisation of the prompt text
+                  self.wrapper._tokenize_texts([self.wrapper._build_assistant_text(t) for t in res.texts])]
         self.n_tokens = max_new_tokens(res, counts, gen_cfg)
         self.gen_kwargs: dict[str, Any] = {}
 
@@ -494,6 +514,8 @@ class _UpstreamRun:
         else:
             gen.update(req.sampling())
         if res.ref_wav is not None:
+            # The clip at 24 kHz as impl.audio reads it (the file's own samples when it is 24 kHz); upstream reads
+            # the file itself inside generate_voice_clone.
             stream.add_input("ref_wav", torch.from_numpy(res.ref_wav))
         bar = _Progress(self.n_tokens, progress, "upstream")
         heads = _logit_hooks(model.talker, rec)

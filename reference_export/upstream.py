@@ -8,12 +8,20 @@ come from real librosa: that is part of what the reference is for).
 
 Models are constructed directly from the folder's config dicts (never ``from_pretrained`` on a hub id) and
 weights are loaded with ``strict=True`` from the folder's safetensors.
+
+Memory: the model's weights exist once, in the requested dtype. Parameters are built on the meta device (no
+storage; buffers such as the RoPE tables are computed on the CPU as upstream's constructors compute them), each
+tensor is read from the file into its final tensor on ``device`` in its final dtype through one bounded buffer,
+and the model takes those tensors themselves (``load_state_dict(assign=True)``). Values are those of building in
+fp32, loading and then ``.to(dtype)``: the same rounding, cast elementwise. The code is the harness's own (not
+``impl.loading``), so a loader bug cannot hit both sides alike.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
 import json
+import struct
 import sys
 import types
 from dataclasses import dataclass
@@ -21,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 UPSTREAM_VERSION = "0.1.1"
 
@@ -100,14 +108,67 @@ class Upstream:
         return r
 
 
-def _strict_load(module: torch.nn.Module, path: Path) -> None:
-    if not path.exists():
+# safetensors dtype names -> torch dtypes (the header's ``dtype`` field).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_CHUNK = 1 << 24  # bytes: the one buffer every tensor is read through
+
+
+def read_weights(path: Path, device: str | torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``, each in its own tensor on ``device``, floating ones in
+    ``dtype`` (integer ones keep theirs, as ``Module.to(dtype)`` leaves them).
+
+    One tensor at a time, read through a ``_CHUNK``-byte buffer and cast chunk by chunk into the destination (a
+    cast is elementwise, so the values equal a whole-tensor ``.to(dtype)``): no copy of the file is held beside
+    the result, not even for the 151k-row text embedding. Plain reads, no mapping of the file (a mapping keeps
+    every page it touched resident while it lives)."""
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: weights not found")
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    # Upstream keeps RoPE inv_freq as a non-persistent buffer; nothing else may be missing.
+    with safe_open(str(path), framework="pt", device="cpu"):
+        pass  # safetensors validates the header: a truncated or foreign file raises its own message here
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        buf = torch.empty(_CHUNK, dtype=torch.uint8)
+        for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
+            info = header[key]
+            src = _ST_DTYPES.get(info["dtype"])
+            if src is None:
+                raise ValueError(f"{path}: key {key} has dtype {info['dtype']}, which this loader does not read")
+            start, end = info["data_offsets"]
+            dst = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src, device=device)
+            flat = dst.view(-1)
+            item = src.itemsize
+            step = _CHUNK // item * item  # whole elements per read
+            fh.seek(base + start)
+            done = 0
+            while done < end - start:
+                nb = min(step, end - start - done)
+                if fh.readinto(buf[:nb].numpy()) != nb:
+                    raise ValueError(f"{path}: key {key} is truncated")
+                flat[done // item:(done + nb) // item].copy_(buf[:nb].view(src))  # cast (and move) one chunk
+                done += nb
+            out[key] = dst
+    return out
+
+
+def _strict_load(module: torch.nn.Module, path: Path, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Load ``path`` into ``module`` (built with parameters on meta), which takes the read tensors themselves."""
+    state = read_weights(path, device, dtype)
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    # Upstream keeps RoPE inv_freq as a non-persistent buffer (not in state_dict); nothing else may be missing.
     if missing or unexpected:
         raise ValueError(f"{path}: upstream strict load failed: missing {missing[:5]} unexpected {unexpected[:5]}")
+    module.load_state_dict(state, strict=True, assign=True)
+    still_meta = [n for n, t in module.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: upstream load left {len(still_meta)} tensor(s) without values, e.g. {still_meta[:3]}")
 
 
 def upstream_config_dict(config: dict) -> dict:
@@ -127,17 +188,19 @@ def load_upstream(ckpt: str | Path, device: str = "cpu", dtype: torch.dtype = to
     ckpt = Path(ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
     st_cfg = json.loads((ckpt / "speech_tokenizer" / "config.json").read_text())
-    from transformers.modeling_utils import no_init_weights
+    from transformers.modeling_utils import init_empty_weights, no_init_weights
 
-    with no_init_weights():
+    # Parameters on meta (no storage: the file's tensors become them), buffers real (RoPE tables as upstream
+    # computes them at construction).
+    with no_init_weights(), init_empty_weights(include_buffers=False):
         model = up.M.Qwen3TTSForConditionalGeneration(up.Qwen3TTSConfig(**upstream_config_dict(cfg)))
         tok_cfg = up.Qwen3TTSTokenizerV2Config(**upstream_config_dict(st_cfg))
         # Mimi picks its attention class at construction: set_attn_implementation afterwards would leave the
         # encoder on its default kernel while the reference claims ``attn``.
         tok_cfg.encoder_config._attn_implementation = attn
         tok = up.T.Qwen3TTSTokenizerV2Model(tok_cfg)
-    _strict_load(model, ckpt / "model.safetensors")
-    _strict_load(tok, ckpt / "speech_tokenizer" / "model.safetensors")
+    _strict_load(model, ckpt / "model.safetensors", device, dtype)
+    _strict_load(tok, ckpt / "speech_tokenizer" / "model.safetensors", device, codec_dtype)
     # Upstream's SpeakerEncoderConfig skips its parent __init__, so set the implementation on sub-models.
     model.talker.set_attn_implementation(attn)
     tok.set_attn_implementation(attn)
@@ -148,7 +211,8 @@ def load_upstream(ckpt: str | Path, device: str = "cpu", dtype: torch.dtype = to
 
 def _to_keep_rope_fp32(module: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """``module.to(device, dtype)`` with RoPE ``inv_freq`` tables kept fp32, as upstream's own
-    ``from_pretrained(dtype=...)`` leaves them (a plain ``.to(bf16)`` would round them)."""
+    ``from_pretrained(dtype=...)`` leaves them (a plain ``.to(bf16)`` would round them). The loaded weights are
+    already on ``device`` in ``dtype`` (``.to`` leaves them as they are, no copy); this casts the buffers."""
     tables = {n: b.detach().clone() for n, b in module.named_buffers() if n.endswith("inv_freq")}
     module = module.to(device=device, dtype=dtype)
     for name, t in tables.items():

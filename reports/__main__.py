@@ -11,7 +11,7 @@
     python -m reports merge A.json B.json … --out results.json [--expect N]
                                                                    the shards' results files (pytest --splits N
                                                                    --group i) -> one run for render and gate
-    python -m reports durations RESULTS.json … [--out parity_tests/durations.json] [--keep]
+    python -m reports durations RESULTS.json … [--out reports/durations.json] [--keep]
                                                                    refresh the per-test durations shards balance on
 """
 
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--expect", type=int, default=None, metavar="N",
                    help="how many shards there must be (default: the --splits the shards record)")
     u = sub.add_parser("durations", help="refresh the durations file that shards are balanced on",
-                       description="Write the durations file that shards are balanced on from the per-test durations (setup + call + "
-                                   "teardown) recorded in results files: a whole run, or all shards of one.")
+                       description="Write the durations file that shards are balanced on from the per-test "
+                                   "durations (setup + call + teardown) recorded in results files: a whole run, or "
+                                   "all shards of one.")
     u.add_argument("files", nargs="+", help="results files (e.g. reports/results.json)")
-    u.add_argument("--out", default=str(ROOT / "parity_tests" / "durations.json"),
-                   help="default parity_tests/durations.json (what pytest --splits reads by default)")
+    u.add_argument("--out", default=str(ROOT / "reports" / "durations.json"),
+                   help="default reports/durations.json (what pytest --splits reads by default)")
     u.add_argument("--keep", action="store_true", help="keep the durations of tests these files did not run")
     a = p.parse_args(argv)
     if a.cmd == "merge":

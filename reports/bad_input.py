@@ -42,7 +42,8 @@ def bad_input_section(data: dict[str, Any]) -> list[str]:
     lines += [f"{status} {len(cases)} bad inputs checked (at least {MIN_CASES} expected), by the tests in "
               f"{shown}: each asserted the line the user sees (one line, naming the "
               "file, key or value) and, where a file could be written, that none was created or changed, before "
-              "recording it here. "
+              "recording it here. A *handled* case is input we accept on purpose; its message is what its test "
+              "recorded: the warning the user sees where there is one, else the test's own summary of the outcome. "
               "Outcomes: " + "; ".join(f"{n} × {o}" for o, n in by_outcome.most_common()) + ".", ""]
     if failed:
         lines += ["Failed bad-input tests (their cases are missing below):", ""]
@@ -54,7 +55,8 @@ def _table(cases: list[dict]) -> list[str]:
     rows = [[_cell(c.get("surface", ""), 40), _cell(c.get("case", ""), 80), _cell(c.get("outcome", ""), 60),
              _cell(c.get("message", ""))]
             for c in sorted(cases, key=lambda c: str(c.get("surface", "")))]  # stable: test order kept
-    return [tabulate(rows, headers=["surface", "case", "outcome", "message (what the user sees)"],
+    return [tabulate(rows, headers=["surface", "case", "outcome", "message (an error: the line the user sees; "
+                                                             "handled: what the test recorded)"],
                      tablefmt="github"), ""]
 
 

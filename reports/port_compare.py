@@ -42,6 +42,8 @@ class TapCheck:
     group: str  # component group (see ``component_group``)
     result: CompareResult
     at_tier: dict[str, bool] = field(default_factory=dict)  # pass/fail at op/block/stack (float taps)
+    step: int = 0  # the decode step this call was recorded in (reference ``step`` attr; 0 = prefill / no loop)
+    call: int = 0  # the call index of this tap (0 for a tap called once)
 
 
 @dataclass
@@ -65,7 +67,11 @@ class PortCheck:
 
     @property
     def first_divergence(self) -> TapCheck | None:
-        return next((c for c in self.checks if not c.result), None)
+        """The earliest failing call in time: by decode step first, then upstream's execution order within the
+        step, then call index. (Ordering by tap alone would name a tap that first ran early but failed at step 1
+        ahead of one that failed during the prefill.)"""
+        failing = [c for c in self.checks if not c.result]
+        return min(failing, key=lambda c: (c.step, c.order, c.call)) if failing else None
 
     @property
     def ok(self) -> bool:
@@ -162,6 +168,7 @@ def check_port(ours: str | Path, ref: str | Path, default_tier: str = "stack",
                 continue
             tier = tier_for(name, default_tier, overrides)
             got, want = dump.taps[name], rf.tap_steps(name)
+            steps = rf.tap_step_numbers(name)
             if len(got) != len(want):
                 r = CompareResult(name, tier.name, False, [], [], dump.stored_dtype.get(name, ""))
                 r.message = (f"{name}: {len(got)} call(s) dumped (@step_0..), the reference recorded {len(want)}")
@@ -177,7 +184,7 @@ def check_port(ours: str | Path, ref: str | Path, default_tier: str = "stack",
                     r.message = why
                 else:
                     r = compare(label, x, y, tier)
-                tc = TapCheck(name, label, idx[name], component_group(name), r)
+                tc = TapCheck(name, label, idx[name], component_group(name), r, step=steps[i], call=i)
                 if not why and x.is_floating_point() and tier.kind == "close":
                     tc.at_tier = {t: bool(compare(label, x, y, t)) for t in CLOSE_TIERS}
                 check.checks.append(tc)

@@ -543,11 +543,45 @@ def _durations(path: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in d.items()}
 
 
+# Tests of the harness's tools rather than of the weights: they run on the tiny preset, and a run on released
+# dimensions or on a user's checkpoint (--preset 0.6b|1.7b, --checkpoint DIR) deselects them, says so on the
+# terminal and records it in the results' provenance ("deselected"). Module file names, relative to the root.
+TOOL_TESTS = tuple(f"parity_tests/{m}.py" for m in (
+    "test_bad_input_api", "test_bad_input_cli", "test_bad_input_export", "test_bad_input_report", "test_faults",
+    "test_port_compare", "test_port_formats", "test_port_numpy", "test_port_install", "test_mutations_audio_in",
+    "test_mutations_bf16", "test_mutations_codec", "test_mutations_core", "test_mutations_lm", "test_bench",
+    "test_matrix", "test_reports", "test_imports", "test_h5io", "test_progress", "test_every_call", "test_recorder",
+    "test_capture_request", "test_capture_released", "test_synth", "test_cli", "test_compare"))
+TOOL_TESTS_REASON = ("tests of the harness's tools (bad input, faults, port checks, mutation self-tests, bench smoke, "
+                     "reports, capture): they run on the tiny preset; a run on released dimensions or a checkpoint "
+                     "runs the parity rows its weights feed")
+
+
+def tool_tests_deselected(config: pytest.Config) -> bool:
+    return config.getoption("--preset") != "tiny" or bool(config.getoption("--checkpoint"))
+
+
+def _deselect_tool_tests(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not tool_tests_deselected(config):
+        return
+    dropped = [it for it in items if it.nodeid.split("::")[0] in TOOL_TESTS]
+    if not dropped:
+        return
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = [it for it in items if it.nodeid.split("::")[0] not in TOOL_TESTS]
+    config._qwen3tts_deselected = {"count": len(dropped), "reason": TOOL_TESTS_REASON,  # type: ignore[attr-defined]
+                                   "modules": sorted({it.nodeid.split("::")[0] for it in dropped})}
+    if getattr(config, "workerinput", None) is None:
+        config.get_terminal_writer().line(f"deselected {len(dropped)} tool tests: {TOOL_TESTS_REASON}")
+
+
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: balance what will actually run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``--splits N --group i``: keep shard i's modules (``plan_shards`` over the committed per-test durations; a
-    test the file does not know counts the mean of those it knows). Every process computes the same plan from the
-    same collection, so xdist workers inside a shard agree."""
+    """Tool tests leave runs on released dimensions / a checkpoint (``TOOL_TESTS``); then ``--splits N --group i``:
+    keep shard i's modules (``plan_shards`` over the committed per-test durations; a test the file does not know
+    counts the mean of those it knows). Every process computes the same plan from the same collection, so xdist
+    workers inside a shard agree."""
+    _deselect_tool_tests(config, items)
     s = shard_of(config)
     if s is None:
         return
@@ -618,6 +652,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             # how the run was spread: xdist workers (0: one process) and, for a shard, which one of how many
             "workers": _workers(session.config),
             "shard": shard_of(session.config),
+            "deselected": getattr(session.config, "_qwen3tts_deselected", None),
         },
         summary={
             "collected": session.testscollected, "passed": outcomes.count("passed"),

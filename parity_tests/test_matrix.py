@@ -184,6 +184,19 @@ def test_a_wrong_shard_option_is_one_usage_line(tmp_path):
     assert p.returncode == 4 and "--splits 2 --group 3: need N >= 1 and 1 <= i <= N" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("opts", [["--preset", "0.6b"], ["--checkpoint", "/nonexistent/ckpt"]], ids=["0.6b", "ckpt"])
+def test_tool_tests_leave_a_released_or_checkpoint_run_with_a_reason(opts):
+    """Under --preset 0.6b or --checkpoint DIR the tool tests (bad input, ports, mutations, bench smoke, …) are
+    deselected, and the run says so; a parity file stays. Collection only: nothing is built."""
+    files = ["parity_tests/test_bad_input_export.py", "parity_tests/test_bench.py", "parity_tests/test_mel.py"]
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", *opts, *files],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
+    assert ids and all(i.startswith("parity_tests/test_mel.py::") for i in ids), ids[:5]
+    assert "deselected" in p.stdout and "tool tests: tests of the harness's tools" in p.stdout, p.stdout[-1500:]
+
+
 def test_durations_file_is_refreshed_from_results(synthetic, tmp_path, capsys):
     _, _, serial = synthetic
     src = tmp_path / "r.json"

@@ -207,6 +207,24 @@ def test_loop_taps(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference,
         record(r, row="Code predictor (generation)", component="Generation", variant=variant,
                notes=f"{n_frames} frames")
         all_ok.append(r)
+    # The predictor's own layers and norm: per frame, one 2-position call ([talker hidden, code-0 embedding]) and one
+    # call per further group; every call compared (all positions), up to the first code divergence.
+    per_frame = len([t for t in ref.meta["expected_taps"] if t.startswith("talker.code_predictor.lm_head.")])
+    cp_names = sorted((t for t in ref.meta["expected_taps"]
+                       if re.fullmatch(r"talker\.code_predictor\.model\.(layers\.\d+|norm):out", t)),
+                      key=lambda t: (t.endswith("norm:out"), t))
+    assert per_frame == 15 and len(cp_names) > 1, (per_frame, cp_names)
+    for name in cp_names:
+        check_calls(name, (res.n_tokens - 1) * per_frame)
+        k = n_frames * per_frame
+        got, want = recs[name][:k], ref.tap_steps(name)[:k]
+        assert len(got) == len(want) == k, f"{name}: {len(got)} impl calls vs {len(want)} upstream, {k} expected"
+        g = torch.cat([t.reshape(-1, t.shape[-1]) for t in got])
+        w = torch.cat([t.reshape(-1, t.shape[-1]) for t in want])
+        r = compare(name, g.float(), w.float(), "block")
+        record(r, row="Code predictor layers (generation)", component="Generation", variant=variant,
+               notes=f"{n_frames} frames x {per_frame} calls")
+        all_ok.append(r)
     for i, (h, hu) in enumerate(zip(res.hidden, ref.tap_steps("generate:hidden"))):
         n = min(h.shape[0], hu.shape[0])
         r = compare(f"generate:hidden[{i}]", h[:n].float(), hu[:n].float(), "block")

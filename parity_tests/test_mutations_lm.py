@@ -8,6 +8,8 @@ the bug cannot reach stays green (so the red is the mutation's doing, not noise)
   (one frame) green.
 - ``icl-codes-without-predictor-embeddings``: ICL reference frames summed from the talker table for all 16 groups
   -> ``Prompt embeddings voice_clone ICL`` red; ``Prompt embeddings voice_clone x-vector`` green.
+- ``predictor-unread-position-wrong``: the predictor's last layer wrong at the position its heads never read ->
+  ``Code predictor layers (generation)`` red; ``Greedy codes`` of the same case green (no final output shows it).
 - ``repetition-penalty-over-prompt``: the penalty also over the prompt's codec ids (every group of the ICL
   reference frames), as if the prompt were HF ``input_ids`` -> ``Greedy codes voice_clone ICL`` red; ``Prompt embeddings``
   of the same case green.
@@ -55,6 +57,19 @@ def rows_codes(tts, reference, case, variant, label):
     res, _ = run_impl(tts, ref, record_taps=False)
     return f"Greedy codes {label}", [compare_codes(f"generate:codes[{i}]", c, u.long(), res.margins[i])
                                      for i, (c, u) in enumerate(zip(res.codes, ref.tap_steps("generate:codes")))]
+
+
+def rows_cp_layers(tts, reference, case, variant, label):
+    """The predictor's layers and norm while generating, every call (as ``test_generate.test_loop_taps``)."""
+    ref = reference(case, variant)
+    res, recs = run_impl(tts, ref)
+    names = [t for t in ref.meta["expected_taps"] if t.startswith("talker.code_predictor.model.")]
+    assert names, "the generation reference records no predictor layer"
+    k = (res.n_tokens - 1) * 15
+    return f"Code predictor layers (generation) {label}", [
+        compare(n, torch.cat([t.reshape(-1, t.shape[-1]) for t in recs[n][:k]]).float(),
+                torch.cat([t.reshape(-1, t.shape[-1]) for t in ref.tap_steps(n)[:k]]).float(), "block")
+        for n in names]
 
 
 ICL = (gen_case_name("icl", False), "base", "voice_clone ICL (streaming text)")
@@ -114,11 +129,32 @@ def mut_penalty_over_prompt(tts, monkeypatch, reference):
     return rows_codes(tts, reference, *ICL), rows_prompt(tts, reference, *ICL)
 
 
+def mut_cp_unread_position(tts, monkeypatch, reference):
+    """A bug that no final output shows: the predictor's last layer gets position 0 of its two-position call (the
+    talker hidden state) wrong. The heads read only the last position, so logits and codes stay exactly upstream's;
+    only the layer values compared while generating can see it."""
+    last = tts.talker.code_predictor.model.layers[-1]
+
+    def hook(module, args, out):
+        if out.shape[1] == 2:  # the per-frame prefill: [talker hidden, code-0 embedding]
+            out = out.clone()
+            out[:, 0] += 0.5
+            return out
+        return None
+
+    handle = last.register_forward_hook(hook)
+    try:
+        return rows_cp_layers(tts, reference, *CV), rows_codes(tts, reference, *CV)
+    finally:
+        handle.remove()
+
+
 MUTATIONS = {
     "mtp-projection-without-bias": ("base", mut_mtp_bias),
     "predictor-cache-and-positions-not-reset": ("custom_voice", mut_positions),
     "icl-codes-without-predictor-embeddings": ("base", mut_icl_talker_table),
     "repetition-penalty-over-prompt": ("base", mut_penalty_over_prompt),
+    "predictor-unread-position-wrong": ("custom_voice", mut_cp_unread_position),
 }
 
 

@@ -42,6 +42,7 @@ MODES = {
     "icl": ("base", dict(languages=["english", "auto", "chinese"], speakers=None, instructs=None, icl=True)),
 }
 GEN_INCLUDE = ("talker.model.layers.*:out", "talker.model.norm:out", "talker.codec_head:out",
+               "talker.code_predictor.model.layers.*:out", "talker.code_predictor.model.norm:out",
                "talker.code_predictor.lm_head.*:out", "talker:*", "generate:*")
 SAMPLING = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.8, repetition_penalty=1.3,
                 subtalker_dosample=True, subtalker_temperature=0.7, subtalker_top_k=30, subtalker_top_p=0.9)
@@ -210,6 +211,11 @@ def _generate_taps(cfg: dict, st_cfg: dict, settings: dict) -> list[str]:
     if settings.get("greedy"):
         taps += _talker_step_taps(cfg)
         taps += [f"talker.code_predictor.lm_head.{j}:out" for j in range(cfg["talker_config"]["num_code_groups"] - 1)]
+        # The predictor's own layers while generating (15 calls per frame): values no final output may show when a
+        # bug touches only positions the heads do not read, so they are compared call by call too.
+        n_cp = cfg["talker_config"]["code_predictor_config"]["num_hidden_layers"]
+        taps += [f"talker.code_predictor.model.layers.{i}:out" for i in range(n_cp)]
+        taps.append("talker.code_predictor.model.norm:out")
     if cfg.get("tts_model_type") == "base":
         taps.append("generate:xvector")
         if settings.get("icl"):

@@ -196,7 +196,7 @@ def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> tuple[f
     return statistics.median(times), times, out
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -254,7 +254,7 @@ def provenance(args: argparse.Namespace, device: torch.device, bandwidth: dict[s
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": _ABS_PATH.sub("<path>", f"{getattr(args, 'prog', 'python -m impl bench')} " + " ".join(argv)),
         "checkpoint": _checkpoint_kind(args.model),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "qwen_tts": _version("qwen-tts"), "transformers": _version("transformers"), "git": _git_commit(),

@@ -180,6 +180,17 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.stem}.tmp-{os.getpid()}-{secrets.token_hex(3)}{target.suffix}")
 
 
+def _final_mode(target: Path) -> int:
+    """The permission bits the written file gets: those of the file it replaces, else what ``open()`` would give a
+    new file (0o666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a path to write ``path``'s new content to, for writers that take a file name (h5py, matplotlib,
@@ -193,11 +204,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         return
     tmp = temp_name(target)
     existed = target.exists()
+    mode = _final_mode(target)
     with _sigterm_raises():
         try:
             yield tmp
             if not tmp.exists():
                 raise OutputError(f"{path}: the writer produced no file")
+            os.chmod(tmp, mode)  # some writers (safetensors) create 0600 files; a replaced file keeps its mode
             _fsync_path(tmp)
             os.replace(tmp, target)
             with contextlib.suppress(OSError):

@@ -50,6 +50,40 @@ def test_read_weights_equals_safetensors_then_cast(st_file, monkeypatch, dtype, 
         assert torch.equal(got[k], w), k
 
 
+def test_read_weights_maps_lookup_tables_copy_on_write(st_file):
+    """A lookup table in the file's own dtype is a view of a private mapping: same values, and a write to it (a test
+    mutating a weight) changes neither the file nor a second load."""
+    before = st_file.read_bytes()
+    got = upstream.read_weights(st_file, "cpu", torch.float32, map_keys=frozenset({"a.weight", "d.half"}))
+    want = load_file(str(st_file))
+    assert torch.equal(got["a.weight"], want["a.weight"])
+    assert got["d.half"].dtype == torch.float32 and torch.equal(got["d.half"], want["d.half"].float())  # cast: read
+    got["a.weight"].add_(1.0)
+    assert st_file.read_bytes() == before
+    again = upstream.read_weights(st_file, "cpu", torch.float32, map_keys=frozenset({"a.weight"}))
+    assert torch.equal(again["a.weight"], want["a.weight"])
+
+
+@pytest.mark.parametrize("chunk", [8, 1 << 24], ids=["chunk8", "chunk16M"])
+def test_read_weights_cast_lookup_tables_are_mapped_copies(st_file, monkeypatch, chunk, tmp_path):
+    """A lookup table in another dtype is cast into an unlinked temporary file and mapped: the values equal the
+    whole-tensor cast, a write stays private, and no temporary file is left behind."""
+    monkeypatch.setattr(upstream, "_CHUNK", chunk)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    got = upstream.read_weights(st_file, "cpu", torch.bfloat16, map_keys=frozenset({"a.weight", "c.idx"}))
+    want = load_file(str(st_file))
+    assert got["a.weight"].dtype == torch.bfloat16 and torch.equal(got["a.weight"], want["a.weight"].bfloat16())
+    assert got["c.idx"].dtype == torch.int64 and torch.equal(got["c.idx"], want["c.idx"])
+    got["a.weight"].mul_(0)
+    assert torch.equal(upstream.read_weights(st_file, "cpu", torch.bfloat16)["a.weight"], want["a.weight"].bfloat16())
+    assert list(tmp.iterdir()) == []
+
+
 def test_read_weights_truncated_file_is_one_line(st_file, tmp_path):
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(st_file.read_bytes()[:-20])
@@ -98,7 +132,9 @@ def test_record_replaces_the_same_configuration(tmp_path):
 
 
 def test_section_renders_rows_verdicts_and_missing(tmp_path):
-    runs = [_run(), _run(taps=["talker.model.layers.0*"], peak=4.4e9, output_bytes=12_300_000),
+    noted = _run(taps=["talker.model.layers.0*"], peak=4.4e9, output_bytes=12_300_000)
+    noted["provenance"] = dict(noted["provenance"], note="a synth ran alongside")
+    runs = [_run(), noted,
             _run(dtype="bfloat16", peak=3.5e9, weights=2.35e9)]
     (tmp_path / "capture-released.json").write_text(json.dumps({"runs": runs}))
     text = "\n".join(capture_perf_section(tmp_path))
@@ -112,6 +148,7 @@ def test_section_renders_rows_verdicts_and_missing(tmp_path):
            "1.7b bfloat16 (all), 1.7b bfloat16 (one layer)." in text
     assert "synthetic checkpoint (random weights, 0.6b custom_voice layout)" in text
     assert "load average 3.50 before, 3.90 after" in text
+    assert text.count("Note: a synth ran alongside") == 1
     # the freshness flag of the bench section: this sha is unknown to the repository
     assert "Possibly stale" in text and "0123456789" in text
 

@@ -729,6 +729,8 @@ ALLOWED = {
     ("conftest.py", "_lock"): "a lock file for flock: its content is never read, only its lock",
     ("reference_export/synth.py", "_save_file"): "safetensors' save_file, called only with an atomic_path temp path",
     ("examples/*", "*"): "an outside port's own code (numpy only; it must not import this package)",
+    ("reference_export/upstream.py", "_cast_to_mapped_file"): "a scratch file in the system temp folder (mkstemp), "
+                                                              "mapped and unlinked at once: never a tool output",
     ("parity_tests/test_*.py", "*"): "tests write their input fixtures into pytest's tmp_path, not tool outputs",
     ("parity_tests/helpers_bad_input.py", "*"): "makes broken fixture files (bad JSON, edited weights) in tmp_path",
 }
@@ -923,3 +925,27 @@ def test_faults_have_their_own_section_beside_bad_input():
     data = {"bad_input": [dict(case, case=f"c{i}") for i in range(MIN_FAULT_CASES)], "tests": {}}
     assert f"✅ {MIN_FAULT_CASES} fault cases" in "\n".join(faults_section(data))
     assert faults_section({"bad_input": [other], "tests": {}}) == []
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """A new file gets what ``open()`` would give it (0o666 less the umask), whatever mode the writer's own temporary
+    file had (safetensors creates 0600: a checkpoint in a shared folder would be unreadable to others); a replaced
+    file keeps its own mode."""
+    import os
+    import stat
+
+    from impl.outfile import atomic_path, write_text
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "new.bin") as t:
+            t.write_bytes(b"x")
+            os.chmod(t, 0o600)  # as safetensors leaves it
+        assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == 0o644
+        old = tmp_path / "private.txt"
+        old.write_text("a")
+        os.chmod(old, 0o640)
+        write_text(old, "b")
+        assert stat.S_IMODE(old.stat().st_mode) == 0o640 and old.read_text() == "b"
+    finally:
+        os.umask(umask)

@@ -9,7 +9,8 @@ works unchanged; what differs is when the data is written:
   call's own number; attrs ``step`` (decode step) and ``call`` say where it ran;
 - datasets of 1,024 elements or more are chunked and gzip-compressed (level 4, byte shuffle): gzip is in every
   HDF5 build, so readers without h5py's own filters open the file;
-- nothing is buffered for the whole run: memory holds one tap call at a time.
+- nothing is buffered for the whole run: memory holds one tap call at a time (and the heap is kept from
+  fragmenting: :func:`bound_heap`).
 
 The caller opens the file on a temporary name (``impl.outfile.atomic_path``): a run that fails or is interrupted
 leaves no file, and the rename happens only after the last attrs are written.
@@ -25,6 +26,24 @@ import torch
 from .h5io import SCHEMA_VERSION, _attr, _stats, _to_numpy
 
 COMPRESS_MIN_ELEMENTS = 1024
+MMAP_THRESHOLD = 1 << 20  # bytes: allocations this large get their own mapping, returned to the OS when freed
+
+
+def bound_heap() -> None:
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` (process-wide; a no-op where ``mallopt`` is missing).
+
+    By default glibc raises the threshold to the size of each mapped block freed (up to 32 MB), after which torch's
+    activations of that size come from the heap; interleaved with the writer's small HDF5/zlib buffers the heap
+    then fragments and keeps freed memory. Measured on the 0.6b codec decode with every tap streamed: peak RSS
+    +2.9 GB over the loaded model (2.3 GB still held afterwards), +0.95 GB with the threshold fixed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD (malloc.h); setting it also stops the adjustment
+    except (OSError, AttributeError):
+        pass
 
 
 class H5TapStream:
@@ -33,6 +52,7 @@ class H5TapStream:
     def __init__(self, f: h5py.File, meta: dict[str, Any]):
         from datetime import UTC, datetime
 
+        bound_heap()
         self.f = f
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")

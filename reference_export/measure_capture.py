@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from impl.bench import cpu_name  # the CPU line the bench records, for the same machine
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "released"
 BUDGET = 1.3  # peak RSS / weights in the capture dtype (issue 16, item 4)
@@ -66,16 +68,6 @@ def weight_bytes(path: Path, float_dtype: str) -> int:
         floating = info["dtype"] in ("F64", "F32", "F16", "BF16")
         total += numel * (_FLOAT_BYTES[float_dtype] if floating else _ST_ITEM[info["dtype"]])
     return total
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _mem_total_gb() -> float | None:
@@ -203,7 +195,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
             "mem_total_gb": _mem_total_gb(),
             "load_average_1m": round(load_before[0], 2), "load_average_1m_after": round(load_after[0], 2),
             "torch": vers.get("torch"), "transformers": vers.get("transformers"), "qwen_tts": vers.get("qwen-tts"),
-            "python": platform.python_version(),
+            "python": platform.python_version(), "note": a.note,
             "command": shlex.join(["python", "-m", "reference_export", *a.argv]),
             "child_command": shlex.join(["python", *cmd[1:]]),
             "checkpoint": {"synthetic": synthetic, "preset": a.preset, "variant": "custom_voice",
@@ -235,7 +227,12 @@ def record(path: Path, run: dict[str, Any]) -> None:
     runs.sort(key=lambda r: (order.get(r.get("preset"), 9), str(r.get("preset")), r.get("dtype") != "float32",
                              bool(r.get("taps"))))
     data["runs"] = runs
-    write_text(path, json.dumps(data, indent=1) + "\n")
+    import re
+
+    text = json.dumps(data, indent=1)
+    # one line per [seconds, MB] timeline point, not three
+    text = re.sub(r"\[\s+(-?[\d.]+),\s+(-?[\d.]+)\s+\]", r"[\1, \2]", text)
+    write_text(path, text + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -253,6 +250,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", default=str(ROOT / "reports" / "capture-released.json"))
     p.add_argument("--out", default=None, help="the capture file (default: under .cache/released/, deleted)")
     p.add_argument("--keep-output", action="store_true", help="keep the capture file")
+    p.add_argument("--note", default=None, help="recorded with the run (e.g. what else the machine was doing)")
     a = p.parse_args(argv)
     a.argv = ["measure-capture", *argv]
     if a.frames < 1:

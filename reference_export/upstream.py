@@ -115,14 +115,23 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 _CHUNK = 1 << 24  # bytes: the one buffer every tensor is read through
 
 
-def read_weights(path: Path, device: str | torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, device: str | torch.device, dtype: torch.dtype,
+                 map_keys: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``, each in its own tensor on ``device``, floating ones in
     ``dtype`` (integer ones keep theirs, as ``Module.to(dtype)`` leaves them).
 
     One tensor at a time, read through a ``_CHUNK``-byte buffer and cast chunk by chunk into the destination (a
     cast is elementwise, so the values equal a whole-tensor ``.to(dtype)``): no copy of the file is held beside
-    the result, not even for the 151k-row text embedding. Plain reads, no mapping of the file (a mapping keeps
-    every page it touched resident while it lives)."""
+    the result, not even for the 151k-row text embedding.
+
+    ``map_keys``: lookup tables (embedding weights) that, when the file already holds them in ``dtype`` on a CPU
+    load, are views of a private (copy-on-write) mapping of the file instead, as upstream's own loader
+    (transformers) leaves its CPU weights: a row becomes resident only when a lookup reads it, so the 151k-row
+    text embedding costs the rows a request uses. A lookup table the file holds in another dtype (an fp32 file,
+    a bf16 capture) is cast chunk by chunk into an unlinked temporary file (``tempfile``'s folder, on disk) and
+    mapped from there the same way (:func:`_cast_to_mapped_file`), as if the file had held it in ``dtype``. Only
+    lookup tables: a matmul's result on the CPU may depend on its weight's address alignment (MKL), and a mapped
+    tensor sits at the file's 8-byte alignment."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights not found")
     with safe_open(str(path), framework="pt", device="cpu"):
@@ -134,12 +143,27 @@ def read_weights(path: Path, device: str | torch.device, dtype: torch.dtype) -> 
         header.pop("__metadata__", None)
         base = 8 + n
         buf = torch.empty(_CHUNK, dtype=torch.uint8)
+        mapping = None
         for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
             info = header[key]
             src = _ST_DTYPES.get(info["dtype"])
             if src is None:
                 raise ValueError(f"{path}: key {key} has dtype {info['dtype']}, which this loader does not read")
             start, end = info["data_offsets"]
+            if (key in map_keys and src == dtype and torch.device(device).type == "cpu" and end > start
+                    and (base + start) % src.itemsize == 0):
+                if mapping is None:
+                    mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+                if base + end > mapping.nbytes():
+                    raise ValueError(f"{path}: key {key} is truncated")
+                view = torch.empty(0, dtype=torch.uint8).set_(mapping, base + start, (end - start,))
+                out[key] = view.view(src).reshape(info["shape"])
+                continue
+            if (key in map_keys and src.is_floating_point and src != dtype and torch.device(device).type == "cpu"
+                    and end > start):
+                out[key] = _cast_to_mapped_file(fh, base + start, end - start, src, dtype, info["shape"], buf,
+                                                f"{path}: key {key}")
+                continue
             dst = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src, device=device)
             flat = dst.view(-1)
             item = src.itemsize
@@ -156,9 +180,40 @@ def read_weights(path: Path, device: str | torch.device, dtype: torch.dtype) -> 
     return out
 
 
+def _cast_to_mapped_file(fh, offset: int, nbytes: int, src: torch.dtype, dtype: torch.dtype, shape: list[int],
+                         buf: torch.Tensor, where: str) -> torch.Tensor:
+    """The ``nbytes`` at ``offset`` of ``fh`` (``src`` values) cast to ``dtype``, as a view of a private mapping of
+    an unlinked temporary file: written through ``buf`` chunk by chunk, so only the rows a lookup reads become
+    resident. The file is unlinked once mapped (the mapping keeps it until the tensor dies); an error or Ctrl-C
+    while it is written removes it. On a tmpfs temporary folder this would hold the table in memory after all, outside the RSS."""
+    import os
+    import tempfile
+
+    item = src.itemsize
+    step = _CHUNK // item * item
+    fd, name = tempfile.mkstemp(prefix="qwen3tts-lookup-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fh.seek(offset)
+            done = 0
+            while done < nbytes:
+                nb = min(step, nbytes - done)
+                if fh.readinto(buf[:nb].numpy()) != nb:
+                    raise ValueError(f"{where} is truncated")
+                out.write(buf[:nb].view(src).to(dtype).view(torch.uint8).numpy())  # the cast of one chunk
+                done += nb
+        size = nbytes // item * dtype.itemsize
+        storage = torch.UntypedStorage.from_file(name, shared=False, nbytes=size)
+    finally:
+        os.unlink(name)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,)).view(dtype).reshape(shape)
+
+
 def _strict_load(module: torch.nn.Module, path: Path, device: str | torch.device, dtype: torch.dtype) -> None:
     """Load ``path`` into ``module`` (built with parameters on meta), which takes the read tensors themselves."""
-    state = read_weights(path, device, dtype)
+    lookups = frozenset(f"{n}.weight" if n else "weight" for n, m in module.named_modules()
+                        if isinstance(m, torch.nn.Embedding))
+    state = read_weights(path, device, dtype, map_keys=lookups)
     expected = module.state_dict()
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)

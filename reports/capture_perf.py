@@ -62,7 +62,8 @@ def _provenance_line(r: dict[str, Any]) -> str:
             f"load average {_fmt(p.get('load_average_1m'))} before, {_fmt(p.get('load_average_1m_after'))} after",
             f"torch {p.get('torch', '?')}", f"transformers {p.get('transformers', '?')}",
             f"qwen-tts {p.get('qwen_tts', '?')}"]
-    return "- " + "; ".join(bits) + f"; `{shown_command(str(p.get('command', '?')))}`"
+    note = f" Note: {p['note']}" if p.get("note") else ""
+    return "- " + "; ".join(bits) + f"; `{shown_command(str(p.get('command', '?')))}`{note}"
 
 
 def capture_perf_section(folder: Path | None = None, root: Path | None = None) -> list[str]:
@@ -74,8 +75,8 @@ def capture_perf_section(folder: Path | None = None, root: Path | None = None) -
              f"Recorded by `python -m reference_export measure-capture` into `reports/{FILE}`, shown as recorded and "
              "not re-run here. Each row is one `python -m reference_export capture --request` of a custom_voice "
              "request (greedy, upstream qwen-tts, CPU) run in a child process: *wall time* is that child's (load, "
-             "generation with every tap streamed to HDF5, codec decode, write); *peak RSS* is its `ru_maxrss`; "
-             "*weights* are the bytes of the tensors as that capture holds them (talker in the capture dtype, the "
+             "generation with every tap streamed to HDF5, codec decode, write); *peak RSS* is its `ru_maxrss` (the "
+             "embedding tables are mapped, so their rows count once a lookup has read them); *weights* are the bytes of the tensors as that capture holds them (talker in the capture dtype, the "
              "codec in its own, from the safetensors headers), and the budget is peak ≤ 1.3× weights. *file* is "
              "the capture's size (deleted after measuring). Frames are forced with `--max-new-frames`; a synthetic "
              "checkpoint may stop at EOS earlier, and the frames column says how many ran. Timings are from a "

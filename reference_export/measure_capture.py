@@ -197,11 +197,16 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
             "torch": vers.get("torch"), "transformers": vers.get("transformers"), "qwen_tts": vers.get("qwen-tts"),
             "python": platform.python_version(), "note": a.note,
             "command": shlex.join(["python", "-m", "reference_export", *a.argv]),
-            "child_command": shlex.join(["python", *cmd[1:]]),
+            "child_command": _repo_relative(shlex.join(["python", *cmd[1:]])),
             "checkpoint": {"synthetic": synthetic, "preset": a.preset, "variant": "custom_voice",
-                           "path": str(ck), "sha256": checkpoint_sha256(ck)},
+                           "path": _repo_relative(str(ck)), "sha256": checkpoint_sha256(ck)},
         },
     }
+
+
+def _repo_relative(text: str) -> str:
+    """The clone's folder written as ``<repo>``: the JSON is committed and read on other machines."""
+    return text.replace(str(ROOT), "<repo>")
 
 
 def _key(r: dict[str, Any]) -> tuple:

@@ -25,14 +25,20 @@ def _cell(text: str, limit: int = MAX_MESSAGE) -> str:
     return text.replace("|", "\\|")
 
 
-def bad_input_section(data: dict[str, Any]) -> list[str]:
-    """Markdown lines for the section (empty when the results hold no bad-input cases and no such tests)."""
-    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict) and not _is_fault(c)]
+def _cases_and_failures(data: dict[str, Any], faults: bool, file_marker: str) -> tuple[list[dict], list[str], set]:
+    """The recorded cases of one section (fault cases or the others), the failed tests of the files that record them
+    (and of every file whose name holds ``file_marker``, in case all of its tests failed), and those files."""
+    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict) and _is_fault(c) == faults]
     tests = data.get("tests") or {}
-    # The files that record bad-input cases (and every test_bad_input_* file, in case all of its tests failed).
     files = {str(c.get("nodeid", "")).split("::")[0] for c in cases} - {""}
     failed = sorted(t for t, o in tests.items() if o not in ("passed", "skipped")
-                    and (t.split("::")[0] in files or "test_bad_input_" in t))
+                    and (t.split("::")[0] in files or file_marker in t))
+    return cases, [f"- `{t}`: {tests[t]}" for t in failed], files
+
+
+def bad_input_section(data: dict[str, Any]) -> list[str]:
+    """Markdown lines for the section (empty when the results hold no bad-input cases and no such tests)."""
+    cases, failed, files = _cases_and_failures(data, False, "test_bad_input_")
     if not cases and not failed:
         return []
     lines = ["## Bad input", ""]
@@ -46,8 +52,7 @@ def bad_input_section(data: dict[str, Any]) -> list[str]:
               "recorded: the warning the user sees where there is one, else the test's own summary of the outcome. "
               "Outcomes: " + "; ".join(f"{n} × {o}" for o, n in by_outcome.most_common()) + ".", ""]
     if failed:
-        lines += ["Failed bad-input tests (their cases are missing below):", ""]
-        lines += [f"- `{t}`: {tests[t]}" for t in failed] + [""]
+        lines += ["Failed bad-input tests (their cases are missing below):", "", *failed, ""]
     return lines + _table(cases)
 
 
@@ -73,11 +78,7 @@ def _is_fault(c: dict) -> bool:
 def faults_section(data: dict[str, Any]) -> list[str]:
     """The "Faults" section: what each file writer did under an injected fault (empty when none was recorded and
     no fault test ran)."""
-    cases = [c for c in data.get("bad_input") or [] if isinstance(c, dict) and _is_fault(c)]
-    tests = data.get("tests") or {}
-    files = {str(c.get("nodeid", "")).split("::")[0] for c in cases} - {""}
-    failed = sorted(t for t, o in tests.items() if o not in ("passed", "skipped")
-                    and (t.split("::")[0] in files or "test_faults" in t))
+    cases, failed, _ = _cases_and_failures(data, True, "test_faults")
     if not cases and not failed:
         return []
     status = "✅" if len(cases) >= MIN_FAULT_CASES and not failed else "❌"
@@ -90,8 +91,7 @@ def faults_section(data: dict[str, Any]) -> list[str]:
              "the user sees (one line naming the path, or the handled outcome) and, where a file was there before, "
              "that it is byte-identical afterwards with no temporary file left, before recording it here.", ""]
     if failed:
-        lines += ["Failed fault tests (their cases are missing below):", ""]
-        lines += [f"- `{t}`: {tests[t]}" for t in failed] + [""]
+        lines += ["Failed fault tests (their cases are missing below):", "", *failed, ""]
     return lines + _table(cases)
 
 

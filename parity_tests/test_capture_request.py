@@ -85,6 +85,40 @@ def upstream_cv(checkpoint_dir, tmp_path_factory, ref_wav):
     return ckpt, out
 
 
+def test_release_talker_frees_it_before_the_decode_and_changes_nothing_written(upstream_cv, ref_wav, tmp_path):
+    """``release_talker`` (what the CLI does on its last request, for the released-size memory budget): the talker's
+    weights are gone once ``generate`` returned, and the file is the same, dataset for dataset, as without it."""
+    import h5py
+
+    from reference_export.upstream import load_upstream
+
+    ckpt, kept = upstream_cv
+    up = load_upstream(ckpt, attn="sdpa")  # its own copy (as `_model` loads it): the shared one must stay usable
+    out = tmp_path / "released.h5"
+    seen = {}
+
+    def decode_pre(module, args):  # the codec decode runs after the release
+        seen["talker_numel"] = sum(p.numel() for p in up.model.talker.parameters())
+
+    h = up.speech_tokenizer.decoder.register_forward_pre_hook(decode_pre)
+    try:
+        capture_request(_mode_requests(ref_wav)["custom_voice"][1], ckpt, out, progress=False, model=up,
+                        release_talker=True)
+    finally:
+        h.remove()
+    assert seen["talker_numel"] == 0
+
+    def datasets(path):
+        got = {}
+        with h5py.File(path) as f:
+            f["taps"].visititems(lambda k, v: got.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+        return got
+
+    a, b = datasets(kept), datasets(out)
+    assert sorted(set(a) ^ set(b)) == [] and len(a) > 100
+    assert [k for k in a if not np.array_equal(a[k], b[k])] == []
+
+
 # ------------------------------------------------------------------------------ request == fixed case
 
 

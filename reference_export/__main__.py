@@ -191,14 +191,15 @@ def _capture_requests(a: argparse.Namespace) -> list[Path]:
 
     model = None
     written = []
-    for r, o in zip(reqs, outs):
+    for i, (r, o) in enumerate(zip(reqs, outs)):
         h5 = Path(o) if a.format == "hdf5" else _hidden_h5(o)
         try:
             if model is None:
                 model = _load_model(a, ck, DTYPES)
             capture_request(r, ck, h5, impl=a.impl, device=a.device, dtype=a.dtype, codec_dtype=a.codec_dtype,
                             attn=a.attn or "sdpa", taps=a.taps, steps=steps,
-                            progress=not a.no_progress, model=model, all_taps=a.all_taps)
+                            progress=not a.no_progress, model=model, all_taps=a.all_taps,
+                            release_talker=i == len(reqs) - 1)  # the talker's last use: free it before the decode
             if a.format != "hdf5":
                 from .openformat import convert
 

@@ -330,12 +330,16 @@ def check_after(rec: Recorder, globs: list[str] | None, steps: frozenset[int] | 
 def capture_request(req: Request, checkpoint: str | Path, out: str | Path, *, impl: bool = False,
                     device: str = "cpu", dtype: str = "float32", codec_dtype: str | None = None,
                     attn: str = "sdpa", taps: list[str] | None = None, steps: frozenset[int] | None = None,
-                    progress: bool = True, model=None, all_taps: bool = False) -> Path:
+                    progress: bool = True, model=None, all_taps: bool = False,
+                    release_talker: bool = False) -> Path:
     """Run ``req`` on upstream (or, ``impl=True``, on our engine) and write its capture to ``out`` (HDF5, atomic).
 
     ``taps``: globs of tap names to keep (default: all), less ``DEFAULT_SKIP`` unless ``all_taps``; ``steps``:
     decode steps to keep (taps outside the decode loop are always kept). ``model``: an already loaded upstream
-    (:class:`Upstream`) or ``impl.Qwen3TTS`` on ``device`` in these dtypes, reused across requests. Without
+    (:class:`Upstream`) or ``impl.Qwen3TTS`` on ``device`` in these dtypes, reused across requests.
+    ``release_talker`` (upstream only; the last request of a command): once upstream's ``generate`` has returned the
+    codes, the talker's weights are freed before the wrapper's codec decode, which never reads them, so the decode's
+    activations do not stack on the talker (the released-size memory budget); the model is unusable afterwards. Without
     ``taps``, every tap of :func:`expected_request_taps` must have been recorded (a hook that stopped firing fails
     here, never as a silently thinner file)."""
     import h5py
@@ -362,6 +366,7 @@ def capture_request(req: Request, checkpoint: str | Path, out: str | Path, *, im
         check_steps_before(steps, int(req.max_new_frames) + 1)
     runner = _ImplRun if impl else _UpstreamRun
     run = runner(res, checkpoint, cfg, gen_cfg, device, DTYPES[dtype], DTYPES[codec_dtype], attn, model)
+    run.release_talker = release_talker and not impl
     check_steps_before(steps, run.n_tokens)
     meta = _meta(checkpoint, cfg, device, dtype, codec_dtype, attn, impl, req)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
@@ -468,6 +473,7 @@ class _UpstreamRun:
                   self.wrapper._tokenize_texts([self.wrapper._build_assistant_text(t) for t in res.texts])]
         self.n_tokens = max_new_tokens(res, counts, gen_cfg)
         self.gen_kwargs: dict[str, Any] = {}
+        self.release_talker = False
 
     def run(self, rec: Recorder, stream, progress: bool) -> dict[str, Any]:
         from .capture import capture
@@ -506,6 +512,8 @@ class _UpstreamRun:
                 rec.add("generate:codes", c)
                 rec.add("generate:hidden", h)
             out["frames"] = [int(c.shape[0]) for c in codes]
+            if self.release_talker:
+                release_weights(model.talker)
             return codes, hidden
 
         gen = dict(max_new_tokens=self.n_tokens, non_streaming_mode=res.non_streaming)
@@ -543,6 +551,22 @@ class _UpstreamRun:
                 h.remove()
             bar.close()
         return {"frames": out["frames"], "stop_reason": _stop(out["frames"], self.n_tokens)}
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Free ``module``'s parameters and buffers (each becomes an empty tensor of its dtype) and hand the freed heap
+    back to the OS (glibc ``malloc_trim``; a no-op elsewhere). The module cannot run afterwards."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def upstream_wrapper(up, checkpoint: Path, gen_cfg: dict, device: str):

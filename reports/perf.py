@@ -48,10 +48,17 @@ def _checkpoint_words(p: dict[str, Any]) -> str:
     return f"real checkpoint ({ck.get('variant', '?')})"
 
 
+# What a recorded bench or capture measurement measures: the engine and the harness's drivers (capture, bench,
+# upstream loader), not the tests or the report code, which run no part of it. A run recorded before the last change
+# to these is flagged stale (the parity sections also watch parity_tests/, conftest.py, reports/compare.py).
+TOOL_MEASURED_PATHS = ("impl", "reference_export")
+
+
 def _stale_line(p: dict[str, Any], root: Path | None) -> str:
-    """The freshness check the recorded sections get: flagged when the measured code changed after the sha."""
+    """The freshness check the recorded sections get: flagged when the measured code (``TOOL_MEASURED_PATHS``)
+    changed after the sha."""
     sha = str(p.get("git") or "").removesuffix("+dirty")
-    f = freshness(sha, str(p.get("date_utc", "")), **({"root": root} if root else {}))
+    f = freshness(sha, str(p.get("date_utc", "")), paths=TOOL_MEASURED_PATHS, **({"root": root} if root else {}))
     dirty = " (measured on a tree with uncommitted changes)" if str(p.get("git") or "").endswith("+dirty") else ""
     if f.stale:
         return f"  - **⚠️ Possibly stale:** measured at `{sha[:10] or '?'}`{dirty}, but {f.stale}"

@@ -733,6 +733,8 @@ ALLOWED = {
                                                               "mapped and unlinked at once: never a tool output",
     ("parity_tests/test_*.py", "*"): "tests write their input fixtures into pytest's tmp_path, not tool outputs",
     ("parity_tests/helpers_bad_input.py", "*"): "makes broken fixture files (bad JSON, edited weights) in tmp_path",
+    ("parity_tests/mutants.py", "mutated"): "writes a mutant into a scratch git clone and restores the file's "
+                                            "bytes after: never a tool output",
 }
 
 _NOT_PATH_OPENERS = ("os", "io", "gzip", "bz2", "lzma", "h5py", "tarfile", "zipfile", "wave", "sf", "soundfile")

@@ -21,6 +21,7 @@ from impl.outfile import atomic_path, check_folder, check_free_space, check_outp
 from .bad_input import bad_input_section, faults_section
 from .capture_perf import capture_perf_section
 from .compare import TIERS
+from .mutation_score import mutation_score_section
 from .perf import performance_section
 from .results import (
     ROOT,
@@ -258,6 +259,7 @@ def render_markdown(data: dict, source: str = "reports/results.json",
         lines += _tests_lists(sec)
     lines += performance_section()  # recorded `python -m reference_export bench` files (reports/perf.py)
     lines += capture_perf_section()  # `python -m reference_export measure-capture` (reports/capture_perf.py)
+    lines += mutation_score_section()  # `python -m parity_tests.mutants run` (reports/mutation_score.py)
     lines += ["## Tiers", ""]
     lines += [tabulate([[t.name, t.rtol if t.kind == "close" else "", t.atol if t.kind == "close" else "",
                          t.nmse if t.nmse else "", t.doc] for t in TIERS.values()],

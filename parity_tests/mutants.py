@@ -440,8 +440,24 @@ def summarize(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     return {"total": len(outcomes), **c, "non_equivalent": judged, "score": round(caught / judged, 4) if judged else None}
 
 
+def _write(a: argparse.Namespace, argv: list[str], pop: dict[str, Any], outcomes: list[dict[str, Any]],
+           equivalent: dict[str, str], killed: dict[str, list[str]], complete: bool) -> dict[str, Any]:
+    from impl.outfile import write_text
+
+    for o in outcomes:  # the committed notes on survivors, applied to new and kept outcomes alike
+        if o["outcome"] in ("survived", "equivalent"):
+            o["outcome"], o["note"] = ("equivalent", str(equivalent[o["id"]])) if o["id"] in equivalent else \
+                ("survived", "")
+        o["killed_by"] = list(killed.get(o["id"], [])) if o["outcome"] in ("caught", "timeout") else []
+    data = {"description": "generated mutants of impl/ run against the default suite (parity_tests/mutants.py)",
+            "seed": a.seed, "n": a.n, "complete": complete, "population": pop, "provenance": _provenance(argv),
+            "summary": summarize(outcomes), "mutants": outcomes}
+    write_text(a.json, json.dumps(data, indent=1) + "\n")
+    return data
+
+
 def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
-    from impl.outfile import check_output, write_text
+    from impl.outfile import check_output
 
     check_output(a.json)
     if not COVERAGE_FILE.exists():
@@ -473,15 +489,9 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
             r["outcome"], r["first_failed"], r["first_red_row"], r["wall_s"], r["note"])
         print(f"    {o.outcome} {o.first_failed} ({o.wall_s} s)", file=sys.stderr, flush=True)
         outcomes.append(asdict(o))
-    for o in outcomes:  # the committed notes on survivors, applied to new and kept outcomes alike
-        if o["outcome"] in ("survived", "equivalent"):
-            o["outcome"], o["note"] = ("equivalent", str(equivalent[o["id"]])) if o["id"] in equivalent else \
-                ("survived", "")
-        o["killed_by"] = list(killed.get(o["id"], [])) if o["outcome"] in ("caught", "timeout") else []
-    data = {"description": "generated mutants of impl/ run against the default suite (parity_tests/mutants.py)",
-            "seed": a.seed, "n": a.n, "population": pop, "provenance": _provenance(argv),
-            "summary": summarize(outcomes), "mutants": outcomes}
-    write_text(a.json, json.dumps(data, indent=1) + "\n")
+        if i + 1 < len(picked):  # what has run so far, in case the run is stopped (completed: False)
+            _write(a, argv, pop, outcomes, equivalent, killed, complete=False)
+    data = _write(a, argv, pop, outcomes, equivalent, killed, complete=True)
     s = data["summary"]
     print(f"{a.json}: {s['caught'] + s['timeout']} of {s['non_equivalent']} non-equivalent mutants caught "
           f"({s['equivalent']} equivalent, {s['survived']} survived, {s['error']} errors)", file=sys.stderr)

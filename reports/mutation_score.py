@@ -59,6 +59,8 @@ def mutation_score_section(folder: Path | None = None, root: Path | None = None)
         f"executed lines (executed/all per operator: {per_op}). Not mutated: "
         + "; ".join(f"`{k}` ({v})" for k, v in (pop.get("excluded") or {}).items()) + ".",
     ]
+    if not data.get("complete", True):
+        lines.append(f"- **⚠️ Incomplete:** the run stopped after {s['total']} of {data.get('n')} mutants.")
     sha = str(prov.get("git") or "")
     fr = freshness(sha.removesuffix("+dirty"), str(prov.get("date_utc", "")), paths=MEASURED,
                    **({"root": root} if root else {}))

@@ -54,6 +54,9 @@ class Calls(Mapping):
                                  "others uncompared (compare every call with helpers.compare_calls)")
         return calls[0]
 
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.calls[name] = [value]  # a value the caller adds (a run's output), one call
+
     def __contains__(self, name: object) -> bool:
         return name in self.calls  # recorded at all (Mapping's default would read the value, and raise)
 

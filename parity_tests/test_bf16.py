@@ -48,7 +48,7 @@ from impl.speaker_encoder import SpeakerEncoder, extract_xvector
 from impl.taps import recording, set_tap_paths
 from reference_export.cases.codec_decoder import OP_MODULES, D, decoder_blocks, pre_transformer_taps
 
-from .helpers import LAYER0_ROWS, build_talker, load_model, run_stack, teacher_run
+from .helpers import LAYER0_ROWS, Calls, build_talker, load_model, run_stack, teacher_run
 from .helpers_bf16 import (
     JUDGE_ENV,
     cosine_floor,
@@ -209,7 +209,7 @@ def decoder_run(checkpoint_dir, reference, device: str = "cpu"):
     dec = load_codec(ckpt, device, attn, BF16).decoder
     with recording(dec, prefix=D, inputs=True) as rec, torch.no_grad():
         wav = dec(ref16.input("codes_bqf").to(device))
-    got = {k: v[0] for k, v in rec.records.items()}
+    got = Calls(rec.records)  # a tap called twice raises: every call is compared or none
     got[f"{D}:out"] = wav
     st_cfg = json.loads((ckpt / "speech_tokenizer" / "config.json").read_text())
     return got, ref16, truth, st_cfg
@@ -243,7 +243,7 @@ def encoder_run(checkpoint_dir, reference, device: str = "cpu"):
     with recording(enc, ENC) as rec, torch.no_grad():
         # as upstream's wrapper: the audio in the tokenizer's dtype
         out = enc(ref16.input("audio").to(device, BF16), ref16.input("padding_mask").to(device))
-    got = {k: v[0] for k, v in rec.records.items()}
+    got = Calls(rec.records)  # a tap called twice raises: every call is compared or none
     for i, (c, n) in enumerate(zip(out.codes, out.lengths.tolist())):
         got[f"speech_tokenizer:codes_{i}"] = c[:, :n].transpose(0, 1)
     return got, ref16, truth
@@ -318,7 +318,7 @@ def speaker_run(checkpoint_dir, reference, device: str = "cpu"):
     se = se.to(device, BF16).eval()
     with recording(se, "speaker_encoder") as rec, torch.no_grad():
         se(ref16.tap("speaker_encoder:in").to(device))
-    got = {k: v[0] for k, v in rec.records.items()}
+    got = Calls(rec.records)  # a tap called twice raises: every call is compared or none
     with torch.no_grad():
         got["speaker_encoder:xvector"] = extract_xvector(se, ref16.tap("speaker_encoder:wav24k").numpy(), 24000)
     return got, ref16, truth

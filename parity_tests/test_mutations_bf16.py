@@ -43,7 +43,7 @@ import impl.layers as layers
 from impl.model import Qwen3TTS
 from impl.taps import recording
 
-from .helpers import LAYER0_ROWS, build_talker, run_stack, teacher_run
+from .helpers import LAYER0_ROWS, Calls, build_talker, run_stack, teacher_run
 from .helpers_bf16 import (
     BOUNDS_PRESET,
     cp_rows,
@@ -163,7 +163,7 @@ def encoder_run(checkpoint_dir, reference) -> Run:
     def once():
         with recording(enc, ENC) as rec, torch.no_grad():
             enc(ref16.input("audio").to(BF16), ref16.input("padding_mask"))
-        return {k: v[0] for k, v in rec.records.items()}
+        return Calls(rec.records)  # a tap called twice raises: every call is compared or none
 
     return Run(*_twice(once), ref16, truth, encoder_rows(ref16), "codec_encoder")
 

@@ -2,7 +2,7 @@
 
     python -m parity_tests.mutants coverage                      # per-test line coverage of impl/ (once)
     python -m parity_tests.mutants sites                         # the population, per operator and file
-    python -m parity_tests.mutants run --n 48 --seed 20261207 --json reports/mutation-score.json [--only ID …]
+    python -m parity_tests.mutants run --n 48 --seed 20261207 --json reports/mutation-score.json [--only ID …] [--resume]
 
 The hand-written mutation self-tests (``test_mutations_*.py``) measure what their author thought of. Here a small
 AST mutator enumerates every mutation site of a fixed set of operators over ``impl/``:
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import json
 import os
 import random
@@ -248,7 +249,11 @@ def module_docstring_lines(tree: ast.Module) -> set[int]:
 
 def mutants_of(rel: str, root: Path = ROOT) -> list[Mutant]:
     """Every mutant of ``rel`` (deduplicated by resulting source; each one compiles)."""
-    src = (root / rel).read_text()
+    return list(_mutants_of_source(rel, (root / rel).read_text()))
+
+
+@functools.lru_cache(maxsize=256)
+def _mutants_of_source(rel: str, src: str) -> tuple[Mutant, ...]:
     tree = ast.parse(src)
     v = _Sites(rel, src)
     for node in tree.body:
@@ -267,7 +272,7 @@ def mutants_of(rel: str, root: Path = ROOT) -> list[Mutant]:
             continue
         seen.add(new_src)
         out.append(m)
-    return out
+    return tuple(out)
 
 
 @contextlib.contextmanager
@@ -470,13 +475,16 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
     notes = json.loads(SURVIVORS.read_text()) if SURVIVORS.exists() else {}
     equivalent, killed = notes.get("equivalent", {}), notes.get("killed", {})
     prior: dict[str, dict[str, Any]] = {}
-    if a.only and Path(a.json).exists():
-        prior = {o["id"]: o for o in json.loads(Path(a.json).read_text()).get("mutants", [])}
+    if (a.only or a.resume) and Path(a.json).exists():
+        old = json.loads(Path(a.json).read_text())
+        if old.get("seed") != a.seed:
+            raise SystemExit(f"{a.json}: recorded with --seed {old.get('seed')}, not {a.seed}; nothing to reuse")
+        prior = {o["id"]: o for o in old.get("mutants", [])}
     clone = _clone(WORK / "mutant-clone")
     outcomes = []
     for i, m in enumerate(picked):
         tests, how = select_tests(m, cov)
-        if a.only and m.id not in a.only and m.id in prior:
+        if m.id in prior and ((a.only and m.id not in a.only) or (a.resume and not a.only)):
             outcomes.append(prior[m.id])
             continue
         tests = _order(tests, durations, collection)
@@ -521,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=20261207)
     r.add_argument("--json", default=str(ROOT / "reports" / "mutation-score.json"))
     r.add_argument("--only", action="append", help="rerun only this mutant id (others keep their recorded outcome)")
+    r.add_argument("--resume", action="store_true", help="keep the outcomes already in --json (same seed), run the rest")
     a = ap.parse_args(argv)
     if a.cmd == "coverage":
         run_coverage(a.n)

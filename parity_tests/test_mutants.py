@@ -142,3 +142,12 @@ def test_the_command_refuses_a_bad_count():
     r = subprocess.run([sys.executable, "-m", "parity_tests.mutants", "run", "--n", "0"], capture_output=True,
                        text=True, cwd=M.ROOT)
     assert r.returncode == 2 and "--n 0: must be at least 1" in r.stderr
+
+
+def test_a_smaller_sample_is_a_prefix_of_a_larger_one():
+    """``--n 40`` draws the first 40 mutants of ``--n 48`` with the same seed (random.sample's selection for a small
+    sample of a large population), so a run stopped early is a smaller sample of the same draw, not another one."""
+    cov = {f: {ln: {"t"} for ln in range(1, 3000)} for f in M.population_files()}
+    small, pop = M.sample(20261207, 40, cov)
+    large, _ = M.sample(20261207, 48, cov)
+    assert [m.id for m in large[:40]] == [m.id for m in small] and pop["executed"] > 1000

@@ -407,6 +407,9 @@ def run_one(m: Mutant, clone: Path, tests: list[str], timeout: float) -> dict[st
         hit = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
         first_failed = hit.group(1) if hit else ""
     outcome = {0: "survived", 1: "caught", 2: "caught", 3: "caught", -1: "timeout"}.get(rc, "error")
+    if outcome == "caught" and not first_failed:  # no test ran to fail: collection or the session itself stopped
+        err = [ln for ln in out.splitlines() if re.match(r"^(E\s+\w+(Error|Exit|Exception)|ERROR )", ln)]
+        first_failed = f"(no test ran: pytest exit {rc}; {(err or out.strip().splitlines()[-1:] or ['?'])[0].strip()})"
     tail = "" if outcome in ("survived", "caught", "timeout") else out.strip().splitlines()[-1:]
     return {"outcome": outcome, "rc": rc, "first_failed": first_failed, "first_red_row": first_red,
             "wall_s": round(wall, 1), "note": " ".join(tail) if tail else ""}

@@ -55,8 +55,10 @@ def rows_prompt(tts, reference, case, variant, label):
 def rows_codes(tts, reference, case, variant, label):
     ref = reference(case, variant)
     res, _ = run_impl(tts, ref, record_taps=False)
+    ups = ref.tap_steps("generate:codes")
+    assert len(res.codes) == len(ups), f"{case}: ours generated {len(res.codes)} items, upstream {len(ups)}"
     return f"Greedy codes {label}", [compare_codes(f"generate:codes[{i}]", c, u.long(), res.margins[i])
-                                     for i, (c, u) in enumerate(zip(res.codes, ref.tap_steps("generate:codes")))]
+                                     for i, (c, u) in enumerate(zip(res.codes, ups))]
 
 
 def rows_cp_layers(tts, reference, case, variant, label):

@@ -311,3 +311,35 @@ def test_fast_bf16_against_upstream(mode: str, checkpoint_dir, reference, device
                      f"{attn}, on {device}; {divergence_note(r)}; fast vs our eager bf16 loop {vs_eager}")
     clear_decoders()
     assert all(results), " | ".join(r.message for r in results if not r)
+
+
+@pytest.mark.parametrize("fast", [None, "eager"], ids=["eager-loop", "static-step"])
+def test_nan_on_the_last_budget_frame_still_stops(fast, checkpoint_dir):
+    """A NaN that first reaches the logits on the last talker call the budget allows raises ``NonFiniteError`` like
+    one at any other frame: the static step reads its non-finite flag once more when the budget, not EOS, ended the
+    loop (found by a generated mutant, ``n_host >= N`` → ``>``, that no row caught)."""
+    from impl.generate import NonFiniteError
+
+    tts = load_model(checkpoint_dir("custom_voice"), "cpu", torch.float32, "sdpa")
+    settings = GenerationSettings.greedy(6)
+    calls = {"n": 0, "poison": None}
+
+    def head(module, args, out):
+        calls["n"] += 1
+        if calls["n"] == calls["poison"]:
+            return torch.full_like(out, float("nan"))
+        return out
+
+    h = tts.talker.codec_head.register_forward_hook(head)
+    try:
+        with torch.inference_mode():
+            prompt = build(tts.talker, tts.config, _requests(tts, "custom_voice", TEXTS[:1]))
+            healthy = generate(tts.talker, prompt, settings, None, fast=fast)
+            assert healthy.stop_reason == ["budget"], "the budget must end this run for the test to mean anything"
+            calls["poison"], calls["n"] = calls["n"], 0  # poison the last call of an identical run
+            with pytest.raises(NonFiniteError, match="non-finite"):
+                generate(tts.talker, prompt, settings, None, fast=fast)
+            assert calls["n"] == calls["poison"], "the poisoned call did not run"
+    finally:
+        h.remove()
+        clear_decoders()

@@ -84,3 +84,20 @@ def test_loader_errors_name_file_key_and_shapes(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         read_state_dict(tmp_path)
+
+
+def test_sampling_hard_defaults_are_upstreams():
+    """Where generation_config.json lacks a key, ours falls back to ``impl.model.HARD_DEFAULTS``: the same values as
+    upstream's wrapper (``Qwen3TTSModel._merge_generate_kwargs`` with no generate_config.json), key for key (found
+    by a generated mutant, temperature 0.9 → 9.0, that no row caught: every synthetic checkpoint has all keys)."""
+    from impl.model import HARD_DEFAULTS
+    from reference_export.upstream import import_upstream
+
+    import_upstream()
+    from qwen_tts.inference.qwen3_tts_model import Qwen3TTSModel
+
+    wrapper = Qwen3TTSModel.__new__(Qwen3TTSModel)  # the merge reads only generate_defaults
+    wrapper.generate_defaults = {}
+    merged = wrapper._merge_generate_kwargs()
+    assert {k: merged[k] for k in HARD_DEFAULTS} == HARD_DEFAULTS
+    assert set(merged) == set(HARD_DEFAULTS), "upstream merges keys ours does not know"

@@ -89,7 +89,8 @@ def test_loader_errors_name_file_key_and_shapes(tmp_path):
 def test_sampling_hard_defaults_are_upstreams():
     """Where generation_config.json lacks a key, ours falls back to ``impl.model.HARD_DEFAULTS``: the same values as
     upstream's wrapper (``Qwen3TTSModel._merge_generate_kwargs`` with no generate_config.json), key for key (found
-    by a generated mutant, temperature 0.9 → 9.0, that no row caught: every synthetic checkpoint has all keys)."""
+    by generated mutants, temperature 0.9 → 9.0 and SamplingConfig's top_p 1.0 → 0.1, that no row caught: every
+    synthetic checkpoint has all keys)."""
     from impl.model import HARD_DEFAULTS
     from reference_export.upstream import import_upstream
 
@@ -101,3 +102,14 @@ def test_sampling_hard_defaults_are_upstreams():
     merged = wrapper._merge_generate_kwargs()
     assert {k: merged[k] for k in HARD_DEFAULTS} == HARD_DEFAULTS
     assert set(merged) == set(HARD_DEFAULTS), "upstream merges keys ours does not know"
+    # GenerationSettings() ("defaults are upstream's") and SamplingConfig's own defaults say the same
+    from impl.generate import GenerationSettings
+
+    s = GenerationSettings()
+    ours = {"do_sample": s.talker.do_sample, "top_k": s.talker.top_k, "top_p": s.talker.top_p,
+            "temperature": s.talker.temperature, "repetition_penalty": s.talker.repetition_penalty,
+            "subtalker_dosample": s.predictor.do_sample, "subtalker_top_k": s.predictor.top_k,
+            "subtalker_top_p": s.predictor.top_p, "subtalker_temperature": s.predictor.temperature,
+            "max_new_tokens": s.max_new_tokens}
+    assert ours == {k: merged[k] for k in ours}
+    assert s.predictor.repetition_penalty == 1.0 and s.predictor.min_new_tokens == 0  # the predictor has neither

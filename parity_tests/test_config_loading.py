@@ -113,3 +113,6 @@ def test_sampling_hard_defaults_are_upstreams():
             "max_new_tokens": s.max_new_tokens}
     assert ours == {k: merged[k] for k in ours}
     assert s.predictor.repetition_penalty == 1.0 and s.predictor.min_new_tokens == 0  # the predictor has neither
+    g = GenerationSettings.greedy()  # greedy: upstream's budget and repetition penalty, sampling off on both
+    assert (g.max_new_tokens, g.talker.repetition_penalty) == (merged["max_new_tokens"], merged["repetition_penalty"])
+    assert not g.talker.do_sample and not g.predictor.do_sample

@@ -457,9 +457,12 @@ def _write(a: argparse.Namespace, argv: list[str], pop: dict[str, Any], outcomes
             o["outcome"], o["note"] = ("equivalent", str(equivalent[o["id"]])) if o["id"] in equivalent else \
                 ("survived", "")
         o["killed_by"] = list(killed.get(o["id"], [])) if o["outcome"] in ("caught", "timeout") else []
+    prov = _provenance(argv)
+    for o in outcomes:
+        o.setdefault("git", prov["git"])  # the code each mutant ran against (a rerun with --only moves it)
     data = {"description": "generated mutants of impl/ run against the default suite (parity_tests/mutants.py)",
-            "seed": a.seed, "n": a.n, "complete": complete, "population": pop, "provenance": _provenance(argv),
-            "summary": summarize(outcomes), "mutants": outcomes}
+            "seed": a.seed, "n": a.n, "complete": complete, "population": pop, "provenance": prov,
+            "earlier_runs": a.earlier_runs, "summary": summarize(outcomes), "mutants": outcomes}
     write_text(a.json, json.dumps(data, indent=1) + "\n")
     return data
 
@@ -478,12 +481,17 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
     notes = json.loads(SURVIVORS.read_text()) if SURVIVORS.exists() else {}
     equivalent, killed = notes.get("equivalent", {}), notes.get("killed", {})
     prior: dict[str, dict[str, Any]] = {}
+    a.earlier_runs = []
     if (a.only or a.resume) and Path(a.json).exists():
         old = json.loads(Path(a.json).read_text())
         if old.get("seed") != a.seed:
             raise SystemExit(f"{a.json}: recorded with --seed {old.get('seed')}, not {a.seed}; nothing to reuse")
         prior = {o["id"]: o for o in old.get("mutants", [])}
+        for o in prior.values():
+            o.setdefault("git", old.get("provenance", {}).get("git", "?"))
+        a.earlier_runs = [*old.get("earlier_runs", []), old.get("provenance", {})]
     clone = _clone(WORK / "mutant-clone")
+    git_now = _provenance(argv)["git"]
     outcomes = []
     for i, m in enumerate(picked):
         tests, how = select_tests(m, cov)
@@ -500,7 +508,7 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
         o.outcome, o.first_failed, o.first_red_row, o.wall_s, o.note = (
             r["outcome"], r["first_failed"], r["first_red_row"], r["wall_s"], r["note"])
         print(f"    {o.outcome} {o.first_failed} ({o.wall_s} s)", file=sys.stderr, flush=True)
-        outcomes.append(asdict(o))
+        outcomes.append({**asdict(o), "git": git_now})
         if i + 1 < len(picked):  # what has run so far, in case the run is stopped (completed: False)
             _write(a, argv, pop, outcomes, equivalent, killed, complete=False)
     data = _write(a, argv, pop, outcomes, equivalent, killed, complete=True)

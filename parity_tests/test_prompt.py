@@ -195,3 +195,18 @@ def test_reference_frames_use_predictor_tables():
             want = want + talker.code_predictor.model.codec_embedding[g - 1](codes[:, g])
     assert got.shape == (1, 4, 64)
     assert torch.allclose(got[0], want, atol=1e-5)
+
+
+def test_a_batched_xvector_of_one_row_is_taken_as_the_vector(checkpoint_dir):
+    """``xvector=`` of shape (1, C), as a speaker encoder returns it for one clip, is that clip's (C,) vector; any
+    other 2-D shape is refused (found by a generated mutant, ``t.ndim == 2`` → ``== 1``, that no row caught)."""
+    from .helpers import load_model
+
+    tts = load_model(checkpoint_dir("base"), "cpu", torch.float32, "sdpa")
+    x = torch.randn(tts.talker.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    kw = dict(mode="voice_clone", language="english", x_vector_only=True)
+    flat, = tts.requests(["Hi."], xvector=x, **kw)
+    row, = tts.requests(["Hi."], xvector=x[None], **kw)
+    assert torch.equal(row.xvector, flat.xvector) and row.xvector.shape == x.shape
+    with pytest.raises(ValueError, match=r"xvector \(item 0\): shape \(2, "):
+        tts.requests(["Hi."], xvector=torch.stack([x, x]), **kw)

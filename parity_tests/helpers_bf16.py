@@ -62,6 +62,20 @@ CODEBOOK_SIZE = 2048  # codec codes per group; ids >= this (EOS, specials) never
 _BF16_RUNS: dict[tuple, tuple] = {}
 
 
+class SoftmaxInBf16:
+    """A mutation (``monkeypatch.setattr(impl.layers, "F", SoftmaxInBf16())``): ``torch.nn.functional`` with a softmax
+    whose arithmetic (max subtraction, exp, sum, division) runs in the activation dtype, ``dtype=`` ignored."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def softmax(w: torch.Tensor, dim: int = -1, dtype=None) -> torch.Tensor:
+        w = w - w.amax(dim, keepdim=True)
+        e = w.exp()
+        return e / e.sum(dim, keepdim=True)
+
+
 def bf16_run(reference, checkpoint_dir, device: str, attn: str, case: str, variant: str, preset: str | None = None):
     """``(ref16, ref32, result, records, settings, eos)``: upstream bf16 and fp32 on ``device`` for ``case``, and impl in
     bf16 fed the bf16 reference's inputs (its ids and, for Base, its bf16 x-vectors and ICL codes). Cached."""

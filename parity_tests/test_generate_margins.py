@@ -84,7 +84,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import impl.layers as layers
 from impl.fast_decode import clear_decoders
@@ -93,7 +92,7 @@ from impl.prompt import build
 from impl.taps import recording
 
 from .helpers import load_model, requests_from_ref, settings_from_ref
-from .helpers_bf16 import bf16_codes_results, divergence, divergence_note
+from .helpers_bf16 import SoftmaxInBf16, bf16_codes_results, divergence, divergence_note
 from .margins import CASE, VARIANT, margins_checkpoint
 
 MIN_FRAMES_ON_FP32 = 24  # realistic: upstream bf16 equals its fp32 for at least this many frames per item
@@ -173,20 +172,6 @@ def test_margins_bf16(fast, sides, device, attn, record):
     assert all(results), " | ".join(r.message for r in results if not r)
 
 
-class _SoftmaxInBf16:
-    """``torch.nn.functional`` with a softmax whose arithmetic runs in the activation dtype (dtype= ignored), as in
-    ``test_mutations_bf16.py`` (test files never import each other)."""
-
-    def __getattr__(self, name):
-        return getattr(F, name)
-
-    @staticmethod
-    def softmax(w: torch.Tensor, dim: int = -1, dtype=None) -> torch.Tensor:
-        w = w - w.amax(dim, keepdim=True)
-        e = w.exp()
-        return e / e.sum(dim, keepdim=True)
-
-
 def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
     # The bug: the weight multiplied in fp32 and the product cast after (upstream casts back first, then multiplies)
     x32 = x.float()
@@ -194,7 +179,7 @@ def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
     return (self.weight.float() * x32).to(x.dtype)
 
 
-BUGS = {"softmax-in-bf16": (layers, "F", _SoftmaxInBf16()),
+BUGS = {"softmax-in-bf16": (layers, "F", SoftmaxInBf16()),
         "norm-weight-in-fp32": (layers.RMSNorm, "forward", _norm_weight_in_fp32)}
 
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import impl.layers as layers
 from impl.model import Qwen3TTS
@@ -46,6 +45,7 @@ from impl.taps import recording
 from .helpers import LAYER0_ROWS, Calls, build_talker, run_stack, teacher_run
 from .helpers_bf16 import (
     BOUNDS_PRESET,
+    SoftmaxInBf16,
     cp_rows,
     encoder_rows,
     judge_bf16_row,
@@ -67,19 +67,6 @@ def _rope_angles_in_bf16(self, x: torch.Tensor, positions: torch.Tensor):
     freqs = positions.to(BF16).unsqueeze(-1) * self.inv_freq.to(BF16)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-
-class _SoftmaxInBf16:
-    """``torch.nn.functional`` with a softmax whose arithmetic runs in the activation dtype (dtype= ignored)."""
-
-    def __getattr__(self, name):
-        return getattr(F, name)
-
-    @staticmethod
-    def softmax(w: torch.Tensor, dim: int = -1, dtype=None) -> torch.Tensor:
-        w = w - w.amax(dim, keepdim=True)
-        e = w.exp()
-        return e / e.sum(dim, keepdim=True)
 
 
 def _residual_in_fp32(self, x, cos, sin, mask, cache=None, layer=0):
@@ -217,7 +204,7 @@ def test_rope_angles_in_bf16(checkpoint_dir, reference, monkeypatch, record):
 
 @pytest.mark.mutation
 def test_softmax_in_bf16(checkpoint_dir, reference, monkeypatch, record):
-    monkeypatch.setattr(layers, "F", _SoftmaxInBf16())
+    monkeypatch.setattr(layers, "F", SoftmaxInBf16())
     _check(talker_run(checkpoint_dir, reference), "Attention (probabilities)", "RoPE", record, "softmax-in-bf16",
            "custom_voice", exact=True)
 
@@ -249,7 +236,7 @@ def test_smallest_caught(checkpoint_dir, reference, monkeypatch, record):
         m.setattr(layers.RotaryEmbedding, "forward", _rope_angles_in_bf16)
         runs["rope-angles-in-bf16 (Mimi encoder)"] = encoder_run(checkpoint_dir, reference).caught()
     with monkeypatch.context() as m:
-        m.setattr(layers, "F", _SoftmaxInBf16())
+        m.setattr(layers, "F", SoftmaxInBf16())
         runs["softmax-in-bf16 (talker)"] = talker_run(checkpoint_dir, reference).caught()
     with monkeypatch.context() as m:
         m.setattr(layers.RMSNorm, "forward", _norm_weight_in_fp32)

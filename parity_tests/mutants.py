@@ -498,8 +498,9 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
         if m.id in prior and ((a.only and m.id not in a.only) or (a.resume and not a.only)):
             outcomes.append(prior[m.id])
             continue
-        # tests added after the coverage run to kill this mutant (reports/mutation-survivors.json) run too
-        tests = _order(sorted(set(tests) | set(killed.get(m.id, []))), durations, collection)
+        # tests added after the coverage run to kill this mutant (reports/mutation-survivors.json) run too, first
+        added = [t for t in killed.get(m.id, []) if t not in tests]
+        tests = added + _order(tests, durations, collection)
         timeout = 5 * sum(durations.get(t, 5.0) for t in tests) + 300
         print(f"[{i + 1}/{len(picked)}] {m.id} {m.change} ({len(tests)} tests, timeout {timeout:.0f} s)",
               file=sys.stderr, flush=True)

@@ -510,8 +510,10 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
             r["outcome"], r["first_failed"], r["first_red_row"], r["wall_s"], r["note"])
         print(f"    {o.outcome} {o.first_failed} ({o.wall_s} s)", file=sys.stderr, flush=True)
         outcomes.append({**asdict(o), "git": git_now})
-        if i + 1 < len(picked):  # what has run so far, in case the run is stopped (completed: False)
-            _write(a, argv, pop, outcomes, equivalent, killed, complete=False)
+        if i + 1 < len(picked):  # what has run so far, in case the run is stopped (completed: False), and the
+            # recorded outcomes of the mutants still to come, so a stopped --only/--resume run loses none of them
+            rest = [prior[x.id] for x in picked[i + 1:] if x.id in prior]
+            _write(a, argv, pop, outcomes + rest, equivalent, killed, complete=False)
     data = _write(a, argv, pop, outcomes, equivalent, killed, complete=True)
     s = data["summary"]
     print(f"{a.json}: {s['caught'] + s['timeout']} of {s['non_equivalent']} non-equivalent mutants caught "

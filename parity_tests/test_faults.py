@@ -369,6 +369,9 @@ def _fork(fn: Callable[[], object]) -> int:
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 1
+        # Ctrl-C as a user's terminal delivers it: pytest itself may run with SIGINT ignored (a shell without job
+        # control starts background commands that way), and the child would inherit that and never see the signal.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             fn()
             code = 0

@@ -22,7 +22,7 @@ FILE = "mutation-score.json"
 MEASURED = ("impl", "parity_tests", "conftest.py")
 TARGET = 0.95  # issue 18: at least 95 % of the non-equivalent mutants caught
 HEADERS = ["#", "mutant (file:line)", "operator", "change", "tests run", "outcome", "first failing test",
-           "first red parity row"]
+           "first red parity row (when that test recorded one)"]
 
 
 def _cell(s: Any) -> str:
@@ -57,7 +57,7 @@ def mutation_score_section(folder: Path | None = None, root: Path | None = None)
         f"timeout, {s['error']} tool errors.", "",
         f"- Population: {pop.get('mutants')} mutants in {len(pop.get('files', []))} files, {pop.get('executed')} on "
         f"executed lines (executed/all per operator: {per_op}). Not mutated: "
-        + "; ".join(f"`{k}` ({v})" for k, v in (pop.get("excluded") or {}).items()) + ".",
+        + "; ".join(f"`{k}`: {v}" for k, v in (pop.get("excluded") or {}).items()) + ".",
     ]
     if not data.get("complete", True):
         lines.append(f"- **⚠️ Incomplete:** the run stopped after {s['total']} of {data.get('n')} mutants.")

@@ -443,6 +443,8 @@ def bad_input(request, tmp_path_factory):
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
+    if hasattr(report, "wasxfail"):  # an expected failure (strict xfail): its stated reason, not the traceback
+        return f"xfail: {report.wasxfail}".rstrip(": ")
     lr = report.longrepr
     if isinstance(lr, (tuple, list)) and len(lr) == 3:  # (file, line, "Skipped: reason"); a list after xdist
         return str(lr[2]).removeprefix("Skipped: ")

@@ -76,6 +76,14 @@ class SoftmaxInBf16:
         return e / e.sum(dim, keepdim=True)
 
 
+def norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
+    """A mutation of ``impl.layers.RMSNorm.forward``: the weight multiplied in fp32 and the product cast after
+    (upstream casts back to the activation dtype first, then multiplies)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (self.weight.float() * x32).to(x.dtype)
+
+
 def bf16_run(reference, checkpoint_dir, device: str, attn: str, case: str, variant: str, preset: str | None = None):
     """``(ref16, ref32, result, records, settings, eos)``: upstream bf16 and fp32 on ``device`` for ``case``, and impl in
     bf16 fed the bf16 reference's inputs (its ids and, for Base, its bf16 x-vectors and ICL codes). Cached."""

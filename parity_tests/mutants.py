@@ -80,6 +80,10 @@ class Mutant:
     end: int
     new: str
 
+    def applied(self, raw: bytes) -> bytes:
+        """``raw`` (the file's bytes) with this mutant's span replaced."""
+        return raw[:self.start] + self.new.encode() + raw[self.end:]
+
     @property
     def id(self) -> str:
         return f"{self.file}:{self.line}:{self.col}:{self.op}:{_short(self.new)}"
@@ -263,7 +267,7 @@ def _mutants_of_source(rel: str, src: str) -> tuple[Mutant, ...]:
     seen, out = set(), []
     raw = src.encode()
     for m in v.out:
-        new_src = raw[:m.start] + m.new.encode() + raw[m.end:]
+        new_src = m.applied(raw)
         if new_src in seen or new_src == raw:
             continue
         try:
@@ -280,7 +284,7 @@ def mutated(m: Mutant, root: Path) -> Iterator[None]:
     """``m`` applied to its file under ``root`` (a scratch clone) for the block; the file's bytes are restored after."""
     p = root / m.file
     raw = p.read_bytes()
-    p.write_bytes(raw[:m.start] + m.new.encode() + raw[m.end:])
+    p.write_bytes(m.applied(raw))
     try:
         yield
     finally:
@@ -374,7 +378,7 @@ class Outcome:
     killed_by: list[str] = field(default_factory=list)
 
 
-def _order(tests: list[str], durations: dict[str, float], collection: list[str]) -> list[str]:
+def _order(tests: list[str], collection: list[str]) -> list[str]:
     pos = {t: i for i, t in enumerate(collection)}
     return sorted(tests, key=lambda t: pos.get(t, len(pos)))
 
@@ -500,7 +504,7 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
             continue
         # tests added after the coverage run to kill this mutant (reports/mutation-survivors.json) run too, first
         added = [t for t in killed.get(m.id, []) if t not in tests]
-        tests = added + _order(tests, durations, collection)
+        tests = added + _order(tests, collection)
         timeout = 5 * sum(durations.get(t, 5.0) for t in tests) + 300
         print(f"[{i + 1}/{len(picked)}] {m.id} {m.change} ({len(tests)} tests, timeout {timeout:.0f} s)",
               file=sys.stderr, flush=True)

@@ -92,7 +92,7 @@ from impl.prompt import build
 from impl.taps import recording
 
 from .helpers import load_model, requests_from_ref, settings_from_ref
-from .helpers_bf16 import SoftmaxInBf16, bf16_codes_results, divergence, divergence_note
+from .helpers_bf16 import SoftmaxInBf16, bf16_codes_results, divergence, divergence_note, norm_weight_in_fp32
 from .margins import CASE, VARIANT, margins_checkpoint
 
 MIN_FRAMES_ON_FP32 = 24  # realistic: upstream bf16 equals its fp32 for at least this many frames per item
@@ -172,15 +172,8 @@ def test_margins_bf16(fast, sides, device, attn, record):
     assert all(results), " | ".join(r.message for r in results if not r)
 
 
-def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
-    # The bug: the weight multiplied in fp32 and the product cast after (upstream casts back first, then multiplies)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-    return (self.weight.float() * x32).to(x.dtype)
-
-
 BUGS = {"softmax-in-bf16": (layers, "F", SoftmaxInBf16()),
-        "norm-weight-in-fp32": (layers.RMSNorm, "forward", _norm_weight_in_fp32)}
+        "norm-weight-in-fp32": (layers.RMSNorm, "forward", norm_weight_in_fp32)}
 
 
 def _verdict(res, results) -> str:

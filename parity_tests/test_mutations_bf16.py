@@ -51,6 +51,7 @@ from .helpers_bf16 import (
     judge_bf16_row,
     judgements,
     last_layer_row,
+    norm_weight_in_fp32,
     other_kernels,
 )
 from .helpers_codec import ENC, build_encoder
@@ -75,13 +76,6 @@ def _residual_in_fp32(self, x, cos, sin, mask, cache=None, layer=0):
     h = x.float() + a.float()
     m = self.mlp(self.post_attention_layernorm(h.to(x.dtype)))
     return (h + m.float()).to(x.dtype)
-
-
-def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
-    # The bug: the weight multiplied in fp32 and the product cast after (upstream casts back first, then multiplies)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-    return (self.weight.float() * x32).to(x.dtype)
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +233,7 @@ def test_smallest_caught(checkpoint_dir, reference, monkeypatch, record):
         m.setattr(layers, "F", SoftmaxInBf16())
         runs["softmax-in-bf16 (talker)"] = talker_run(checkpoint_dir, reference).caught()
     with monkeypatch.context() as m:
-        m.setattr(layers.RMSNorm, "forward", _norm_weight_in_fp32)
+        m.setattr(layers.RMSNorm, "forward", norm_weight_in_fp32)
         runs["norm-weight-in-fp32 (talker)"] = talker_run(checkpoint_dir, reference).caught()
     runs["cp-residual-in-fp32 (code predictor)"] = cp_run(checkpoint_dir, reference, _residual_mutation).caught()
 

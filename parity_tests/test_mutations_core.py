@@ -15,6 +15,7 @@ import impl.layers as layers
 from reports.compare import CompareResult
 
 from .helpers import LAYER0_ROWS, build_talker, compare_row_calls, run_stack
+from .helpers_bf16 import norm_weight_in_fp32
 from .rows import Row
 
 ROWS = LAYER0_ROWS
@@ -25,15 +26,6 @@ ROW = {r.name: r for r in ROWS}
 def _swap_rope_sign(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x2, -x1), dim=-1)  # the other sign convention: rotates the wrong way
-
-
-def _norm_weight_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-    # The bug: the weight multiply in fp32 and one cast after it (upstream casts to the activation dtype first,
-    # then multiplies in that dtype). Invisible in fp32; in bf16 it rounds once where upstream rounds twice.
-    return (self.weight.float() * x32).to(dtype)
 
 
 def _drop_qk_norm(talker) -> None:
@@ -47,7 +39,7 @@ MUTATIONS = {
     "rope-sign-swapped": ("patch", ("rotate_half", _swap_rope_sign), "RoPE", "QK Norm", "float32"),
     "qk-norm-dropped": ("model", _drop_qk_norm, "QK Norm", "QKV Projections", "float32"),
     # a bf16-only bug: judged on the same-dtype row (ours bf16 vs upstream bf16, exact), which can see it
-    "norm-weight-multiplied-in-fp32": ("patch_cls", ("forward", _norm_weight_in_fp32), "RMS Norm", "Text Projection",
+    "norm-weight-multiplied-in-fp32": ("patch_cls", ("forward", norm_weight_in_fp32), "RMS Norm", "Text Projection",
                                        "bfloat16"),
 }
 

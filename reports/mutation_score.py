@@ -10,6 +10,7 @@ A file that cannot be read is shown in one line naming the file and the key at f
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,7 @@ def mutation_score_section(folder: Path | None = None, root: Path | None = None)
     lines.append(f"- Recorded {prov.get('date_utc', '?')} at `{sha[:10]}{'+dirty' if sha.endswith('+dirty') else ''}`"
                  f", {prov.get('cores', '?')} cores, load average {prov.get('load_average_1m', '?')}, torch "
                  f"{prov.get('torch', '?')}: `{prov.get('command', '?')}`")
-    shas: dict[str, int] = {}
-    for m in muts:
-        shas[str(m.get("git", sha))[:10]] = shas.get(str(m.get("git", sha))[:10], 0) + 1
+    shas = Counter(str(m.get("git", sha))[:10] for m in muts)
     if len(shas) > 1:
         lines.append("- Mutants ran at more than one commit (survivors rerun with `--only` after a row was added for "
                      "them): " + ", ".join(f"{n} at `{k}`" for k, n in shas.items()))

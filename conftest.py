@@ -78,6 +78,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--splits {splits} --group {group}: need N >= 1 and 1 <= i <= N")
     if str(config.getoption("--device")).startswith("cuda"):
         set_tf32(config.getoption("--tf32") == "on")
+    mode = config.getoption("--capture-in-child")
+    CAPTURE_IN_CHILD[0] = mode == "always" or (mode == "auto" and tool_tests_deselected(config))
+    if tool_tests_deselected(config):
+        # Released dimensions or a user's checkpoint: one model of ours in memory at a time, shared by every test
+        # that asks for the same one (parity_tests.helpers.load_model).
+        from parity_tests import helpers
+
+        helpers.ONE_MODEL[0] = True
     # Tiny models are dispatch-bound: one intra-op thread is faster than two (measured 4-15x on a busy 2-core
     # machine for frame-at-a-time generation and streaming). QWEN3TTS_THREADS overrides.
     n = os.environ.get("QWEN3TTS_THREADS")
@@ -98,6 +106,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--results", default=None,
                 help="where to write the results (default reports/results.json for CPU fp32, "
                      "reports/results-<device>[-<dtype>].json otherwise)")
+    g.addoption("--capture-in-child", default="auto", choices=["auto", "always", "never"],
+                help="capture upstream references in a child process (auto: with --preset 0.6b|1.7b or "
+                     "--checkpoint, where upstream beside our model would double the memory)")
     g.addoption("--splits", type=int, default=None, metavar="N", help="run one of N shards (with --group i)")
     g.addoption("--group", type=int, default=None, metavar="I", help="which shard of --splits N to run (1..N)")
     g.addoption("--durations-path", default=str(DURATIONS), metavar="FILE",
@@ -205,7 +216,7 @@ def checkpoint_dir(request, preset):
             cfg = json.loads((Path(real) / "config.json").read_text())
             if cfg.get("tts_model_type") != variant:
                 pytest.skip(f"--checkpoint {real} is a {cfg.get('tts_model_type')} checkpoint, not {variant}")
-            return Path(real)
+            return _RESULTS.used(Path(real))
         p = preset_override or preset
         from impl.config import ConfigError, preset_config_dicts
 
@@ -213,7 +224,7 @@ def checkpoint_dir(request, preset):
             preset_config_dicts(p, variant)
         except ConfigError as e:
             pytest.skip(str(e))
-        return synthetic_checkpoint(p, variant)
+        return _RESULTS.used(synthetic_checkpoint(p, variant))
 
     return get
 
@@ -234,6 +245,41 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     for f in (CACHE / "refs").glob("[!.]*.h5"):
         if not f.stem.endswith(cap_h):
             f.unlink(missing_ok=True)
+
+
+# Whether references are captured in a child process (``--capture-in-child``; ``auto``: on released dimensions and
+# on a user's checkpoint, where upstream's weights beside ours would double the run's memory). A one-element list, so
+# ``pytest_configure`` sets it for the fixtures and for callers of ``reference_file``.
+CAPTURE_IN_CHILD = [False]
+
+
+class CaptureChildError(RuntimeError):
+    """A reference capture in a child process failed: its last line of stderr says why."""
+
+
+def capture_in_child(case_name: str, ckpt: Path, out: Path, *, device: str, dtype: str, codec_dtype: str,
+                     attn: str) -> dict:
+    """Run ``python -m parity_tests.capture_child`` for one case: upstream loads in that process, writes ``out``
+    (atomically) and exits before anything of ours runs again. The child gets this process's TF32 flags and thread
+    count, so the file is the one an in-process capture writes. Returns the child's peak RSS and wall time, also
+    added to the results' provenance (``captures``)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "parity_tests.capture_child", case_name, str(ckpt), str(out), "--device", device,
+           "--dtype", dtype, "--codec-dtype", codec_dtype, "--attn", attn, "--seed", str(SEED),
+           "--tf32", capture_key_parts()["tf32"], "--threads", str(torch.get_num_threads())]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0 or not out.exists():
+        lines = [ln for ln in (p.stderr or p.stdout or "").strip().splitlines() if ln.strip()]
+        raise CaptureChildError(f"capture of {case_name} on {machine_paths_hidden(str(ckpt))} in a child process "
+                                f"failed (exit {p.returncode}): {machine_paths_hidden(lines[-1]) if lines else 'no output'}")
+    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    stats = {"case": case_name, "dtype": dtype, "device": device, "peak_rss_gb": round(stats["peak_rss_bytes"] / 1e9, 3),
+             "wall_s": round(time.time() - t0, 1)}
+    _RESULTS.add_capture(stats)
+    return stats
 
 
 def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn: str = "eager",
@@ -261,7 +307,9 @@ def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn
     key = f"{sha[:16]}-{case_name}-{dev_tag}-{dtype}-{codec_dtype}-{use_attn}-{capture_key()}"
     out = CACHE / "refs" / f"{key}.h5"
     with _lock(key):
-        if not out.exists():
+        if not out.exists() and CAPTURE_IN_CHILD[0]:
+            capture_in_child(case_name, ckpt, out, device=device, dtype=dtype, codec_dtype=codec_dtype, attn=use_attn)
+        elif not out.exists():
             from reference_export.export import DTYPES, capture_case
             from reference_export.upstream import load_upstream
 
@@ -338,6 +386,11 @@ class Results:
         self.marked: dict[str, list[str]] = {m: [] for m in LISTED_MARKERS}
         self.order: list[str] = []  # node ids in collection order (serial: session.items; xdist: a worker's)
         self._pending: dict[str, dict[str, list]] = {}  # nodeid -> what the running test recorded
+        self.captures: list[dict] = []  # references captured in a child process: case, peak RSS, wall time
+        self.current = ""  # the test running in this process (what a child capture is charged to)
+        self.peak: dict = {}  # this process's RSS high-water mark and the test during which it last rose
+        self.weights: dict[str, int] = {}  # checkpoint folder -> bytes of its weight files (the memory budget's unit)
+        self.worker_peaks: list[dict] = []  # xdist controller: each worker's ``peak``
         self.start = time.time()
         # Taken when the session starts: an edit during the run makes the results refuse to render.
         self.code_hash = code_hash(ROOT)
@@ -368,6 +421,7 @@ class Results:
 
         self.rows += [Record.from_json(r, f"test {nid}") for r in payload.get("rows", [])]
         self.bad_input += list(payload.get("bad_input", []))
+        self.captures += list(payload.get("captures", []))
 
     def add(self, nodeid: str, result, row: str, component: str, variant: str = "", notes: str = "",
             preset: str = "", compares: str = "ours vs upstream", expect_fail: bool = False) -> None:
@@ -383,6 +437,23 @@ class Results:
 
     def add_bad_input(self, nodeid: str, case: dict) -> None:
         self._pending.setdefault(nodeid, {"rows": [], "bad_input": []})["bad_input"].append(case)
+
+    def add_capture(self, stats: dict) -> None:
+        """A child capture, charged to the running test (it travels with the test's report, like its rows)."""
+        stats = {**stats, "nodeid": self.current}
+        self._pending.setdefault(self.current, {"rows": [], "bad_input": []}).setdefault("captures", []).append(stats)
+
+    def used(self, ckpt: Path) -> Path:
+        """Note a checkpoint folder a test used, with the bytes of its weight files."""
+        if str(ckpt) not in self.weights:
+            self.weights[str(ckpt)] = weight_bytes(ckpt)
+        return ckpt
+
+    def watch_rss(self, nodeid: str) -> None:
+        """After a test: this process's RSS high-water mark (``VmHWM``), and the test during which it last rose."""
+        hwm = rss_high_water()
+        if hwm and hwm > self.peak.get("bytes", 0):
+            self.peak = {"bytes": hwm, "nodeid": nodeid}
 
     def take(self, nodeid: str) -> dict | None:
         """What ``nodeid`` recorded (JSON), removed from pending: it travels on the test's teardown report."""
@@ -401,10 +472,51 @@ class Results:
 
         self.rows.sort(key=lambda r: pos(r.nodeid))
         self.bad_input.sort(key=lambda c: pos(str(c.get("nodeid", ""))))
+        self.captures.sort(key=lambda c: pos(str(c.get("nodeid", ""))))
         for name in ("outcomes", "skipped", "durations"):
             d = getattr(self, name)
             setattr(self, name, {k: d[k] for k in sorted(d, key=pos)})
         self.marked = {m: sorted(ids, key=pos) for m, ids in self.marked.items()}
+
+
+def rss_high_water() -> int:
+    """This process's peak resident set so far, in bytes (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def weight_bytes(ckpt: Path) -> int:
+    """The bytes of a checkpoint folder's weight files (``*.safetensors`` at any depth): the unit the memory budget
+    of a run on it is stated in."""
+    return sum(f.stat().st_size for f in Path(ckpt).rglob("*.safetensors"))
+
+
+def memory_provenance(peaks: list[dict], weights: dict[str, int], captures: list[dict]) -> dict | None:
+    """What the results' provenance says about memory: the highest RSS high-water mark of the run's pytest
+    processes (the controller's and every xdist worker's) and the test during which it was reached, the largest
+    checkpoint the run used, their ratio (the budget on released dimensions is 1.5x), and the reference captures run
+    in child processes (how many, their highest peak RSS, their summed wall time)."""
+    peaks = [p for p in peaks if p.get("bytes")]
+    if not peaks:
+        return None
+    top = max(peaks, key=lambda p: p["bytes"])
+    out: dict = {"peak_rss_gb": round(top["bytes"] / 1e9, 3), "peak_rss_test": top.get("nodeid", "")}
+    if weights:
+        ck, w = max(weights.items(), key=lambda kv: kv[1])
+        out.update(weights_gb=round(w / 1e9, 3), weights_checkpoint=machine_paths_hidden(ck),
+                   peak_over_weights=round(top["bytes"] / w, 3) if w else None)
+    if captures:
+        out.update(capture_children=len(captures),
+                   capture_children_peak_rss_gb=max(c["peak_rss_gb"] for c in captures),
+                   capture_children_wall_s=round(sum(c["wall_s"] for c in captures), 1))
+    return out
 
 
 _RESULTS = Results()
@@ -465,6 +577,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _RESULTS.log(report)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RESULTS.current = item.nodeid  # a reference captured in a child process is charged to this test
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
+    _RESULTS.watch_rss(item.nodeid)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist controller: a worker's RSS high-water mark and the checkpoints it used, for the provenance."""
+    out = getattr(node, "workeroutput", None) or {}
+    if out.get("qwen3tts_peak"):
+        _RESULTS.worker_peaks.append(out["qwen3tts_peak"])
+    _RESULTS.weights.update(out.get("qwen3tts_weights") or {})
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -553,7 +683,8 @@ TOOL_TESTS = tuple(f"parity_tests/{m}.py" for m in (
     "test_port_compare", "test_port_formats", "test_port_numpy", "test_port_install", "test_mutations_audio_in",
     "test_mutations_bf16", "test_mutations_codec", "test_mutations_core", "test_mutations_lm", "test_bench",
     "test_matrix", "test_reports", "test_imports", "test_h5io", "test_progress", "test_every_call", "test_recorder",
-    "test_capture_request", "test_capture_released", "test_synth", "test_cli", "test_compare", "test_mutants"))
+    "test_capture_request", "test_capture_released", "test_synth", "test_cli", "test_compare", "test_mutants",
+    "test_capture_child"))
 TOOL_TESTS_REASON = ("tests of the harness's tools (bad input, faults, port checks, mutation self-tests, bench smoke, "
                      "reports, capture): they run on the tiny preset; a run on released dimensions or a checkpoint "
                      "runs the parity rows its weights feed")
@@ -626,6 +757,8 @@ def _device_info(device: str) -> dict:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if getattr(session.config, "workerinput", None) is not None:
+        session.config.workeroutput["qwen3tts_peak"] = _RESULTS.peak  # type: ignore[attr-defined]
+        session.config.workeroutput["qwen3tts_weights"] = _RESULTS.weights  # type: ignore[attr-defined]
         return
     path = Path(session.config.getoption("--results") or default_results(session.config))
     _RESULTS.ordered()
@@ -655,6 +788,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             "workers": _workers(session.config),
             "shard": shard_of(session.config),
             "deselected": getattr(session.config, "_qwen3tts_deselected", None),
+            "capture_in_child": CAPTURE_IN_CHILD[0],
+            "memory": memory_provenance([_RESULTS.peak, *_RESULTS.worker_peaks], _RESULTS.weights,
+                                        _RESULTS.captures),
+            "captures": _RESULTS.captures,
         },
         summary={
             "collected": session.testscollected, "passed": outcomes.count("passed"),

@@ -32,6 +32,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from impl import Qwen3TTS
 
+from .helpers import release_models
+
 ROOT = Path(__file__).resolve().parents[1]
 IMPL = ROOT / "impl"
 META = torch.device("meta")
@@ -308,6 +310,7 @@ def _wav(seconds: float = 0.5, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def base_cpu(checkpoint_dir):
+    release_models()
     return Qwen3TTS.from_pretrained(checkpoint_dir("base"), device="cpu", attn="eager")
 
 

@@ -36,6 +36,7 @@ from reference_export.cases.lm import MODES, gen_case_name
 from .helpers import (  # test files never import each other
     MODE_NAME,
     load_model,
+    release_models,
     requests_from_ref,
 )
 from .helpers_bf16 import bf16_codes_results, bf16_run, divergence, divergence_note
@@ -227,11 +228,14 @@ def test_api_fast_equals_eager_api(checkpoint_dir):
 
     ckpt = checkpoint_dir("custom_voice")
     eager = load_model(ckpt, "cpu", torch.float32, "sdpa")
-    fast = Qwen3TTS.from_pretrained(ckpt, device="cpu", dtype=torch.float32, attn="sdpa", fast="eager")
     spk = eager.speakers[0]
-    for texts in (TEXTS[0], TEXTS):
-        kw = dict(speaker=spk, language="english", greedy=True, max_new_frames=BUDGET - 1)
-        want, got = eager.generate_codes(texts, **kw), fast.generate_codes(texts, **kw)
+    kw = dict(speaker=spk, language="english", greedy=True, max_new_frames=BUDGET - 1)
+    wants = [eager.generate_codes(texts, **kw) for texts in (TEXTS[0], TEXTS)]
+    del eager
+    release_models()  # released dimensions: the two models are never in memory together
+    fast = Qwen3TTS.from_pretrained(ckpt, device="cpu", dtype=torch.float32, attn="sdpa", fast="eager")
+    for texts, want in zip((TEXTS[0], TEXTS), wants, strict=True):
+        got = fast.generate_codes(texts, **kw)
         _assert_same(got, want, f"API fast='eager' vs eager API ({len(want.codes)} text(s))")
         assert got.stop_reason == want.stop_reason
     with pytest.raises(ValueError, match="greedy generation only"):
@@ -271,6 +275,7 @@ def test_onednn_linear_fast_equals_eager_and_compiles(checkpoint_dir):
 
     from impl import Qwen3TTS
 
+    release_models()
     tts = Qwen3TTS.from_pretrained(checkpoint_dir("custom_voice"), linear="onednn")
     assert get_linear_kernel(tts.talker) == "onednn"
     counters.clear()

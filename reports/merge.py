@@ -32,7 +32,8 @@ SAME_RUN = ("preset", "checkpoint", "device", "dtype", "attn", "tf32", "markexpr
 # pytest exit statuses of a shard that did not run its tests: interrupted, internal error, usage error.
 NOT_RUN = (2, 3, 4)
 # Per-shard provenance kept in the merged file (the rest is the same across shards, or per machine).
-SHARD_KEYS = ("git_sha", "machine", "cpus", "python", "device", "dtype", "device_info", "workers", "versions")
+SHARD_KEYS = ("git_sha", "machine", "cpus", "python", "device", "dtype", "device_info", "workers", "versions",
+              "memory")
 
 
 class MergeError(ResultsError):
@@ -112,6 +113,8 @@ def _combine(runs: list[RunResults]) -> RunResults:
                        **{k: r.summary.get(k) for k in ("collected", "passed", "failed", "errors", "skipped",
                                                         "duration_s", "exitstatus")}}
                       for i, r in enumerate(runs)]
+    prov["captures"] = [c for r in runs for c in r.provenance.get("captures") or []]
+    prov["memory"] = combined_memory([r.provenance.get("memory") for r in runs])
     if len({s["git_sha"] for s in prov["shards"]}) > 1:
         prov["git_sha"] = "; ".join(dict.fromkeys(str(s["git_sha"]) for s in prov["shards"]))
     summary: dict[str, Any] = {k: sum(int(r.summary.get(k) or 0) for r in runs)
@@ -135,6 +138,21 @@ def _combine(runs: list[RunResults]) -> RunResults:
         bad_input=[c for r in runs for c in r.bad_input], code_hash=first.code_hash,
         created=max(r.created for r in runs), schema=first.schema,
         durations={t: d for r in runs for t, d in r.durations.items()}, marked=marked, extra=extra)
+
+
+def combined_memory(mems: list[Any]) -> dict | None:
+    """The merged run's memory record: the shard whose pytest peaked highest (its peak, test and ratio), the
+    largest checkpoint any shard used, and the child captures of all shards (count, highest peak, summed time)."""
+    mems = [m for m in mems if isinstance(m, dict) and m.get("peak_rss_gb")]
+    if not mems:
+        return None
+    out = dict(max(mems, key=lambda m: m["peak_rss_gb"]))
+    kids = [m for m in mems if m.get("capture_children")]
+    if kids:
+        out.update(capture_children=sum(int(m["capture_children"]) for m in kids),
+                   capture_children_peak_rss_gb=max(float(m["capture_children_peak_rss_gb"]) for m in kids),
+                   capture_children_wall_s=round(sum(float(m["capture_children_wall_s"]) for m in kids), 1))
+    return out
 
 
 def _shown(path: str) -> str:

@@ -69,8 +69,27 @@ def _provenance(run: RunResults, source: str) -> list[str]:
                   + (f" (summed over {len(prov['shards'])} shards)" if prov.get("shards") else "")),
         ("comparisons", f"{len(run.records)} tensor/code comparisons in {len(run.rows())} rows"),
     ]
+    if (mem := memory_line(prov.get("memory"))):
+        rows.append(("peak memory", mem))
     rows += _spread(prov)
     return [tabulate(rows, headers=["", ""], tablefmt="github"), ""]
+
+
+def memory_line(mem: Any) -> str:
+    """The provenance's memory record in words: the pytest processes' peak RSS against the weights of the largest
+    checkpoint the run used, and the upstream captures run in child processes."""
+    if not isinstance(mem, dict) or not mem.get("peak_rss_gb"):
+        return ""
+    out = f"pytest {mem['peak_rss_gb']:.2f} GB peak RSS"
+    if mem.get("weights_gb"):
+        out += (f" = {mem.get('peak_over_weights', 0):.2f}× the weights of the largest checkpoint used "
+                f"({mem['weights_gb']:.2f} GB)")
+    if mem.get("peak_rss_test"):
+        out += f", reached in `{mem['peak_rss_test']}`"
+    if mem.get("capture_children"):
+        out += (f"; upstream references captured in {mem['capture_children']} child processes, peak "
+                f"{mem['capture_children_peak_rss_gb']:.2f} GB, {mem['capture_children_wall_s']:.0f} s in all")
+    return out
 
 
 def _spread(prov: dict) -> list[tuple[str, str]]:
@@ -88,7 +107,8 @@ def _spread(prov: dict) -> list[tuple[str, str]]:
                     f"code {s.get('code_hash')}; {_on_what(s)}, {dev}"
                     f"{', ' + str(s['workers']) + ' xdist workers' if s.get('workers') else ''}; "
                     f"{s.get('passed')} passed, {s.get('failed')} failed, {s.get('errors', 0)} errors, "
-                    f"{s.get('skipped')} skipped of {s.get('collected')} in {s.get('duration_s', '?')} s"))
+                    f"{s.get('skipped')} skipped of {s.get('collected')} in {s.get('duration_s', '?')} s"
+                    + (f"; {mem}" if (mem := memory_line(s.get("memory"))) else "")))
     return out
 
 

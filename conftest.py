@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from parity_tests.capture_child import reset_rss_high_water, rss_high_water
+
 ROOT = Path(__file__).parent
 CACHE = Path(os.environ.get("QWEN3TTS_CACHE", ROOT / ".cache"))
 SEED = 0
@@ -450,10 +452,17 @@ class Results:
         return ckpt
 
     def watch_rss(self, nodeid: str) -> None:
-        """After a test: this process's RSS high-water mark (``VmHWM``), and the test during which it last rose."""
+        """After a test: the RSS high-water mark (``VmHWM``) reached since the last test ended (the mark is lowered
+        to the present RSS after each reading, where Linux allows), charged to this test (its setup included). Keeps
+        the highest and the five heaviest tests."""
         hwm = rss_high_water()
-        if hwm and hwm > self.peak.get("bytes", 0):
+        if not hwm:
+            return
+        top = sorted([*self.peak.get("top", []), [hwm, nodeid]], key=lambda t: -t[0])[:5]
+        if hwm > self.peak.get("bytes", 0):
             self.peak = {"bytes": hwm, "nodeid": nodeid}
+        self.peak["top"] = top
+        reset_rss_high_water()
 
     def take(self, nodeid: str) -> dict | None:
         """What ``nodeid`` recorded (JSON), removed from pending: it travels on the test's teardown report."""
@@ -479,19 +488,6 @@ class Results:
         self.marked = {m: sorted(ids, key=pos) for m, ids in self.marked.items()}
 
 
-def rss_high_water() -> int:
-    """This process's peak resident set so far, in bytes (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def weight_bytes(ckpt: Path) -> int:
     """The bytes of a checkpoint folder's weight files (``*.safetensors`` at any depth): the unit the memory budget
     of a run on it is stated in."""
@@ -502,12 +498,16 @@ def memory_provenance(peaks: list[dict], weights: dict[str, int], captures: list
     """What the results' provenance says about memory: the highest RSS high-water mark of the run's pytest
     processes (the controller's and every xdist worker's) and the test during which it was reached, the largest
     checkpoint the run used, their ratio (the budget on released dimensions is 1.5x), and the reference captures run
-    in child processes (how many, their highest peak RSS, their summed wall time)."""
+    in child processes (how many, their highest peak RSS, their summed wall time). ``peaks`` entries may carry
+    ``top``: [bytes, nodeid] of their heaviest tests."""
     peaks = [p for p in peaks if p.get("bytes")]
     if not peaks:
         return None
     top = max(peaks, key=lambda p: p["bytes"])
     out: dict = {"peak_rss_gb": round(top["bytes"] / 1e9, 3), "peak_rss_test": top.get("nodeid", "")}
+    heaviest = sorted((t for p in peaks for t in p.get("top", [])), key=lambda t: -t[0])[:5]
+    if heaviest:  # per-test peaks: where the memory goes, the next thing to slim
+        out["heaviest_tests"] = [[round(b / 1e9, 3), nid] for b, nid in heaviest]
     if weights:
         ck, w = max(weights.items(), key=lambda kv: kv[1])
         out.update(weights_gb=round(w / 1e9, 3), weights_checkpoint=machine_paths_hidden(ck),
@@ -684,9 +684,9 @@ TOOL_TESTS = tuple(f"parity_tests/{m}.py" for m in (
     "test_mutations_bf16", "test_mutations_codec", "test_mutations_core", "test_mutations_lm", "test_bench",
     "test_matrix", "test_reports", "test_imports", "test_h5io", "test_progress", "test_every_call", "test_recorder",
     "test_capture_request", "test_capture_released", "test_synth", "test_cli", "test_compare", "test_mutants",
-    "test_capture_child"))
+    "test_capture_child", "test_device_placement"))
 TOOL_TESTS_REASON = ("tests of the harness's tools (bad input, faults, port checks, mutation self-tests, bench smoke, "
-                     "reports, capture): they run on the tiny preset; a run on released dimensions or a checkpoint "
+                     "reports, capture, device placement): they run on the tiny preset; a run on released dimensions or a checkpoint "
                      "runs the parity rows its weights feed")
 
 

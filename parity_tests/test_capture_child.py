@@ -5,6 +5,8 @@
   naming the case when the child fails (a missing reference is a failure, never a pass).
 - ``helpers.load_model`` under ``ONE_MODEL`` (set for ``--preset 0.6b|1.7b`` and ``--checkpoint``) keeps one model in
   memory: loading another frees the first.
+- ``Results.watch_rss`` charges each test the high-water mark reached since the previous one (the mark is lowered
+  after each reading), so a light test after a heavy one reads light.
 - ``conftest.memory_provenance``, ``reports.merge.combined_memory`` and ``reports.render.memory_line`` (the peak
   memory line of a recorded section) on fixed numbers.
 """
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 import conftest
-from parity_tests import helpers
+from parity_tests import capture_child, helpers
 from reports.merge import combined_memory
 from reports.render import memory_line
 
@@ -96,6 +98,9 @@ def test_memory_provenance_line_and_merge():
                    "peak_over_weights": 1.5, "capture_children": 2, "capture_children_peak_rss_gb": 4.2,
                    "capture_children_wall_s": 15.5}
     assert conftest.memory_provenance([{}], {}, []) is None
+    peaks[1]["top"] = [[6_000_000_000, "t::b"], [2_000_000_000, "t::d"]]
+    peaks[0]["top"] = [[5_000_000_000, "t::a"]]
+    assert conftest.memory_provenance(peaks, {}, [])["heaviest_tests"] == [[6.0, "t::b"], [5.0, "t::a"], [2.0, "t::d"]]
     assert memory_line(mem) == ("pytest 6.00 GB peak RSS = 1.50× the weights of the largest checkpoint used "
                                 "(4.00 GB), reached in `t::b`; upstream references captured in 2 child processes, "
                                 "peak 4.20 GB, 16 s in all")
@@ -107,3 +112,17 @@ def test_memory_provenance_line_and_merge():
     assert (both["capture_children"], both["capture_children_peak_rss_gb"], both["capture_children_wall_s"]) == \
         (3, 4.5, 17.5)
     assert combined_memory([None, {}]) is None
+
+
+def test_each_test_is_charged_its_own_peak():
+    if not capture_child.reset_rss_high_water():
+        pytest.skip("this kernel does not let a process lower its VmHWM (/proc/self/clear_refs)")
+    res = conftest.Results()
+    res.watch_rss("t::before")  # whatever ran before this test
+    big = np.ones(400_000_000 // 8)  # 400 MB, touched
+    del big
+    res.watch_rss("t::heavy")
+    res.watch_rss("t::light")
+    got = {nid: b for b, nid in res.peak["top"]}
+    assert got["t::heavy"] - got["t::light"] > 300_000_000, got
+    assert res.peak["nodeid"] in ("t::heavy", "t::before")

@@ -586,6 +586,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
     _RESULTS.watch_rss(item.nodeid)
+    if nextitem is None or nextitem.module is not item.module:
+        # on released dimensions (helpers.ONE_MODEL) the shared model does not outlive its module: the next module
+        # may need only the codec or the speaker encoder (a module that needs the same model loads it again)
+        from parity_tests import helpers
+
+        helpers.release_models()
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -736,6 +736,8 @@ ALLOWED = {
                                                               "mapped and unlinked at once: never a tool output",
     ("parity_tests/test_*.py", "*"): "tests write their input fixtures into pytest's tmp_path, not tool outputs",
     ("parity_tests/helpers_bad_input.py", "*"): "makes broken fixture files (bad JSON, edited weights) in tmp_path",
+    ("parity_tests/capture_child.py", "reset_rss_high_water"): "/proc/self/clear_refs, a kernel control file (it "
+                                                               "lowers the RSS high-water mark): never a tool output",
     ("parity_tests/mutants.py", "mutated"): "writes a mutant into a scratch git clone and restores the file's "
                                             "bytes after: never a tool output",
 }

@@ -6,7 +6,9 @@ from each other.
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from impl.taps import recording, set_tap_paths
 from reference_export.cases.codec_decoder import OP_MODULES, D, decoder_blocks, pre_transformer_taps
 from reports.compare import CompareResult, compare, compare_exact
 
+from . import helpers
 from .helpers import Calls, compare_calls, compare_tap
 from .rows import Row, missing
 
@@ -27,6 +30,46 @@ from .rows import Row, missing
 
 VARIANT = "base"
 COMPONENT = "Codec decoder"
+BF16_CONV_SLOWDOWN_LIMIT = 10.0  # bf16 / fp32 Conv1d time above which a released-size bf16 decode is unaffordable
+# (native bf16 convolutions run about as fast as fp32 or faster; the fallback measured 20-280x here, busy or quiet)
+
+
+@functools.cache
+def bf16_conv_slowdown() -> float:
+    """How many times slower a bf16 Conv1d runs than the same fp32 one on this CPU (192 channels, 4000 samples,
+    kernel 7, dilation 3: the decoder's residual units' shape), measured once per process. Without native bf16
+    (avx512_bf16 / AMX) PyTorch's CPU convolution falls back to a slow path: on the 2-core EPYC this project is
+    developed on, 60-280x (a busy machine reads lower)."""
+    conv = torch.nn.Conv1d(192, 192, 7, dilation=3)
+    x = torch.randn(1, 192, 4000)
+    took = {}
+    with torch.no_grad():
+        for dt in (torch.float32, torch.bfloat16):
+            c, xi = conv.to(dt), x.to(dt)
+            c(xi)  # warm-up
+            runs = []
+            for _ in range(3 if dt == torch.float32 else 1):  # bf16 takes ~1 s without native support
+                t0 = time.perf_counter()
+                c(xi)
+                runs.append(time.perf_counter() - t0)
+            took[dt] = min(runs)
+    return took[torch.bfloat16] / max(took[torch.float32], 1e-9)
+
+
+def bf16_decode_skip_reason(device: str) -> str | None:
+    """Why a released-size bf16 codec decode is not run here, or None to run it. It is skipped only on released
+    dimensions or a user's checkpoint (``helpers.ONE_MODEL``, set for ``--preset 0.6b|1.7b`` and ``--checkpoint``),
+    on a CPU whose bf16 convolution is more than ``BF16_CONV_SLOWDOWN_LIMIT`` times slower than fp32: there one
+    90-frame decode (upstream's capture, then ours) runs for hours. The tiny preset runs these rows on every CPU,
+    and a GPU or a CPU with bf16 convolutions runs them at every size."""
+    if device != "cpu" or not helpers.ONE_MODEL[0]:
+        return None
+    ratio = bf16_conv_slowdown()
+    if ratio <= BF16_CONV_SLOWDOWN_LIMIT:
+        return None
+    return (f"bf16 Conv1d on this CPU runs {ratio:.0f}x slower than fp32 (measured here; no native bf16): a "
+            f"released-size bf16 decode of the case's 90 frames would take hours. Run these rows on a GPU or a CPU "
+            f"with bf16 convolutions; the tiny preset runs them here")
 
 
 def rows(st_cfg: dict) -> list[Row]:

@@ -61,7 +61,7 @@ from .helpers_bf16 import (
     simulated_cuda,
     tap_glob,
 )
-from .helpers_codec import ENC, build_encoder, load_codec
+from .helpers_codec import ENC, bf16_decode_skip_reason, build_encoder, load_codec
 from .rows import Row, assert_row, compare_row
 
 BF16 = torch.bfloat16
@@ -217,6 +217,8 @@ def decoder_run(checkpoint_dir, reference, device: str = "cpu"):
 
 @pytest.fixture(scope="module")
 def decoder_bf16(checkpoint_dir, reference, device):
+    if why := bf16_decode_skip_reason(device):
+        pytest.skip(why)
     with _kernels():
         return decoder_run(checkpoint_dir, reference, device)
 

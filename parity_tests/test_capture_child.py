@@ -5,6 +5,7 @@
   naming the case when the child fails (a missing reference is a failure, never a pass).
 - ``helpers.load_model`` under ``ONE_MODEL`` (set for ``--preset 0.6b|1.7b`` and ``--checkpoint``) keeps one model in
   memory: loading another frees the first.
+- ``helpers_codec.bf16_decode_skip_reason``: when a released-size bf16 decode is skipped.
 - ``Results.watch_rss`` charges each test the high-water mark reached since the previous one (the mark is lowered
   after each reading), so a light test after a heavy one reads light.
 - ``conftest.memory_provenance``, ``reports.merge.combined_memory`` and ``reports.render.memory_line`` (the peak
@@ -126,3 +127,18 @@ def test_each_test_is_charged_its_own_peak():
     got = {nid: b for b, nid in res.peak["top"]}
     assert got["t::heavy"] - got["t::light"] > 300_000_000, got
     assert res.peak["nodeid"] in ("t::heavy", "t::before")
+
+
+def test_bf16_decode_is_skipped_only_where_it_cannot_finish(monkeypatch):
+    """A released-size bf16 codec decode is skipped only on released dimensions, on a CPU, where bf16 Conv1d is
+    more than the limit slower than fp32; the reason carries the measured ratio."""
+    from parity_tests import helpers_codec
+
+    monkeypatch.setattr(helpers_codec, "bf16_conv_slowdown", lambda: 75.0)
+    monkeypatch.setattr(helpers, "ONE_MODEL", [False])
+    assert helpers_codec.bf16_decode_skip_reason("cpu") is None  # tiny: always run
+    monkeypatch.setattr(helpers, "ONE_MODEL", [True])
+    assert "75x slower than fp32" in helpers_codec.bf16_decode_skip_reason("cpu")
+    assert helpers_codec.bf16_decode_skip_reason("cuda") is None
+    monkeypatch.setattr(helpers_codec, "bf16_conv_slowdown", lambda: 1.3)
+    assert helpers_codec.bf16_decode_skip_reason("cpu") is None

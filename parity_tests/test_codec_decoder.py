@@ -29,7 +29,15 @@ import torch
 from reference_export.cases.codec_decoder import D
 from reports.compare import compare
 
-from .helpers_codec import COMPONENT, ROW_NAMES, VARIANT, load_codec, row_results, rows
+from .helpers_codec import (
+    COMPONENT,
+    ROW_NAMES,
+    VARIANT,
+    bf16_decode_skip_reason,
+    load_codec,
+    row_results,
+    rows,
+)
 from .rows import assert_row
 
 
@@ -107,6 +115,8 @@ def test_full_decoder_bf16_referee(checkpoint_dir, codec_env, reference, device,
     the bf16 capture of the same case (the one test_bf16.py judges by; captured once, in a child process on
     released dimensions) rather than a second upstream decode here: on a CPU without bf16 convolutions one
     released-size decode of 90 frames takes minutes."""
+    if why := bf16_decode_skip_reason(device):
+        pytest.skip(why)
     _, ref, _ = codec_env
     ckpt = checkpoint_dir(VARIANT)
     ref16 = reference("codec_decoder", VARIANT, device=device, codec_dtype="bfloat16")

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity_tests.capture_child import reset_rss_high_water, rss_high_water
+from parity_tests.capture_child import reset_rss_high_water, return_freed_memory, rss_high_water
 
 ROOT = Path(__file__).parent
 CACHE = Path(os.environ.get("QWEN3TTS_CACHE", ROOT / ".cache"))
@@ -310,6 +310,9 @@ def reference_file(case_name: str, ckpt: Path, refs_dir: str | None = None, attn
     out = CACHE / "refs" / f"{key}.h5"
     with _lock(key):
         if not out.exists() and CAPTURE_IN_CHILD[0]:
+            from parity_tests.helpers import release_models
+
+            release_models()  # the shared model of ours is not kept beside the child (a test's own copy may be)
             capture_in_child(case_name, ckpt, out, device=device, dtype=dtype, codec_dtype=codec_dtype, attn=use_attn)
         elif not out.exists():
             from reference_export.export import DTYPES, capture_case
@@ -584,14 +587,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _RESULTS.current = item.nodeid  # a reference captured in a child process is charged to this test
 
 
-def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
-    _RESULTS.watch_rss(item.nodeid)
-    if nextitem is None or nextitem.module is not item.module:
-        # on released dimensions (helpers.ONE_MODEL) the shared model does not outlive its module: the next module
-        # may need only the codec or the speaker encoder (a module that needs the same model loads it again)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem):
+    try:
+        return (yield)
+    finally:
+        # After pytest's own teardown: the fixtures that end with this test (a class's, a module's) are gone, so
+        # the high-water mark is lowered to what is really left, not charged to the next test.
         from parity_tests import helpers
 
-        helpers.release_models()
+        if nextitem is None or nextitem.path != item.path:
+            # on released dimensions (helpers.ONE_MODEL) the shared model does not outlive its file (compared by
+            # path: doctest items have no .module): the next file may need only the codec or the speaker encoder
+            # (a file that needs the same model loads it again)
+            helpers.release_models()
+        if helpers.ONE_MODEL[0]:
+            return_freed_memory()
+        _RESULTS.watch_rss(item.nodeid)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -213,11 +213,26 @@ def build_encoder(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.fl
     return enc.to(device=device, dtype=dtype).eval()
 
 
+QUANTIZER_IN_TAPS = (f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
+                     f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")
+
+
+def end_to_end_taps(enc: CodecEncoder) -> tuple[str, ...]:
+    """The taps the encoder rows read from the end-to-end run (:func:`seanet_results`, :func:`transformer_results`,
+    :func:`codes_results`): recording only these, not a copy of every SEANet activation, keeps a released-size run
+    small (the fp64 tier's end-to-end recording alone took 11.3 GB RSS at 0.6B dimensions). A tap left out here is
+    a missing tap, which fails its row."""
+    last = len(enc.encoder_transformer.layers) - 1
+    return (f"{ENC}.encoder:out", f"{ENC}.encoder_transformer.layers.{last}:out", *QUANTIZER_IN_TAPS,
+            f"{ENC}.quantizer:codes")
+
+
 def run_end_to_end(enc: CodecEncoder, ref, attn: str) -> tuple[Calls, list[torch.Tensor]]:
-    """impl on the reference's audio under attention ``attn``: (every call of every tap, per-item trimmed codes)."""
+    """impl on the reference's audio under attention ``attn``: (every call of the taps the rows read, per-item
+    trimmed codes)."""
     dev = next(enc.parameters()).device
     audio, mask = ref.input("audio").to(dev), ref.input("padding_mask").to(dev)
-    with attention(enc, attn), recording(enc, ENC) as rec, torch.no_grad():
+    with attention(enc, attn), recording(enc, ENC, include=end_to_end_taps(enc)) as rec, torch.no_grad():
         out = enc(audio, mask)
     items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
     return Calls(rec.records), items
@@ -271,9 +286,7 @@ def transformer_results(enc: CodecEncoder, ref, got: Calls, attn: str) -> list[C
 def codes_results(ref, got: Calls, items: list[torch.Tensor], tier: str = "stack") -> list[CompareResult]:
     """The quantizer inputs at ``tier`` (stack in fp32; the fp64 tier for float64 runs), then the codes exactly;
     every recorded call of each."""
-    out = [r for n in (f"{ENC}.downsample:out", f"{ENC}.quantizer.semantic_residual_vector_quantizer.input_proj:out",
-                       f"{ENC}.quantizer.acoustic_residual_vector_quantizer.input_proj:out")
-           for r in compare_calls(n, got, ref, tier)]
+    out = [r for n in QUANTIZER_IN_TAPS for r in compare_calls(n, got, ref, tier)]
     name = f"{ENC}.quantizer:codes"
     out.extend(compare_calls(name, got, ref, "exact",
                              judge=lambda n, a, b: compare_exact(n, a, b, axes=("batch", "codebook", "frame"))))

@@ -100,6 +100,20 @@ def test_trans_conv_streams_exactly(ks, T, schedule):
     _check_stream(tc, x, schedule)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_trans_conv_one_shot_is_upstreams_fused_op(dtype):
+    """Without a state the output is upstream's op bit for bit: ``nn.ConvTranspose1d`` with its bias fused, trimmed
+    by ``k - s`` on the right. A bias added after the conv rounds twice, which in bf16 differs wherever the kernel
+    accumulates in fp32 (CPUs with native bf16 convolutions, GPUs); on other CPUs both orders may agree."""
+    tc = _randomise(CausalTransConv1d(16, 8, 10, 5), 7).to(dtype)
+    x = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        got = tc(x).y
+        want = tc.conv(x)[..., : 12 * 5]
+    assert got.dtype == dtype and torch.equal(got, want), \
+        f"{int((got != want).sum())} of {want.numel()} samples differ from the fused op"
+
+
 @settings(**FAST)
 @given(kind=st.sampled_from(["convnext", "resunit1", "resunit9", "block3", "block8"]),
        T=st.integers(1, 24), schedule=schedules)

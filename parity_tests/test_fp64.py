@@ -18,7 +18,8 @@ and ~5 below the eps typo of the mutation below (8.3e-6), so no row needs an ove
 Rows (component "<name>, fp64"):
 
 - Talker: the layer-0 rows of ``test_talker_layer.py`` on ``talker_stack``, the last layer (every tap) and the
-  final norm;
+  final norm; the decoder layers stream from the file one at a time (``stream_layers``), so the float64 stack
+  fits the released-size memory budget;
 - Code predictor: teacher-forced (``lm_cp_teacher``): MTP projection, every layer, final norm, 15 heads, logits;
 - Codec decoder: the rows of ``test_codec_decoder.py`` up to the waveform (``helpers_codec.row_results``; not the
   chunked ``decode()`` row, whose API returns float32 numpy by design);
@@ -68,7 +69,16 @@ from .helpers import (
     run_stack,
     teacher_run,
 )
-from .helpers_codec import ENC, LAYER_POINTS, build_encoder, codes_results, load_codec, row_results, rows
+from .helpers_codec import (
+    ENC,
+    LAYER_POINTS,
+    build_encoder,
+    codes_results,
+    end_to_end_taps,
+    load_codec,
+    row_results,
+    rows,
+)
 from .rows import Row, assert_row, missing
 
 VARIANT = "base"
@@ -104,13 +114,15 @@ class RowsInF64(torch.nn.Embedding):
 
 def build_talker64(ckpt) -> Talker:
     """The whole talker (text side, decoder layers, code predictor) in float64 from the checkpoint folder, built on
-    meta so the file's tensors become the parameters (the weights once in memory), the text table as ``RowsInF64``."""
+    meta so the file's tensors become the parameters (the weights once in memory), the text table as ``RowsInF64``.
+    The decoder layers stay on meta and stream (:func:`stream_layers`)."""
     cfg = Qwen3TTSConfig.from_file(ckpt / "config.json")
     release_models()
     talker = build_on_meta(lambda: Talker(cfg.talker_config))
     table = talker.model.text_embedding
     with torch.device("meta"):
         talker.model.text_embedding = RowsInF64(table.num_embeddings, table.embedding_dim)
+    layers, talker.model.layers = talker.model.layers, torch.nn.ModuleList()  # loaded one at a time, when run
     keys = talker.state_dict().keys()
     # One read per sub-tree, in float64, except the text table, read as stored (mapped).
     groups = sorted({".".join(k.split(".")[:2 if k.startswith("model.") else 1]) + "." for k in keys}
@@ -123,12 +135,32 @@ def build_talker64(ckpt) -> Talker:
     where = str(ckpt / "model.safetensors")
     load_into(talker, state, where, prefix="talker.")
     del state
-    return finish_loaded(talker, "cpu", where)
+    finish_loaded(talker, "cpu", where)
+    talker.model.layers = layers.eval()
+    stream_layers(talker, ckpt)
+    return talker
 
 
-@pytest.fixture(scope="module")
-def talker64(checkpoint_dir):
-    return build_talker64(checkpoint_dir(VARIANT))
+def stream_layers(talker: Talker, ckpt) -> None:
+    """The float64 talker's decoder layers live on ``meta`` (shapes only): each is read from the file in float64 just
+    before it runs (a forward pre-hook) and dropped back to ``meta`` after (a forward hook), so a run of the stack
+    holds one layer, not all (in float64 the 28 layers are 3.5 GB at 0.6B dimensions, 11 GB at 1.7B). The values
+    are the same as a resident layer's: the same file tensors, cast the same way."""
+    where = str(ckpt / "model.safetensors")
+
+    def loader(i: int):
+        prefix = f"talker.model.layers.{i}."
+
+        def load(layer, args):
+            load_into(layer, read_state_dict(ckpt, prefix=prefix, dtype=F64), where, prefix=prefix)
+        return load
+
+    def drop(layer, args, out):
+        layer.to("meta")
+
+    for i, layer in enumerate(talker.model.layers):
+        layer.register_forward_pre_hook(loader(i))
+        layer.register_forward_hook(drop)
 
 
 # ------------------------------------------------------------------------------------------ talker
@@ -145,35 +177,43 @@ def _talker_rows(n_layers: int) -> list[Row]:
 TALKER_ROW_NAMES = [r.name for r in _talker_rows(1)]
 
 
-@pytest.fixture(scope="module")
-def talker_run(talker64, reference):
-    ref = reference("talker_stack", VARIANT, dtype=DT, device="cpu")
-    return run_stack(talker64, ref, "cpu", "eager"), ref
+class TestTalker:
+    """The talker and its code predictor: the float64 talker (its decoder layers streamed) lives for this class only
+    (class-scoped fixtures end with the class's last test), so it is never in memory beside the float64 codec or
+    encoders of the classes below."""
 
+    @pytest.fixture(scope="class")
+    def talker64(self, checkpoint_dir, reference):
+        for case in ("talker_stack", "lm_cp_teacher"):  # captured (in a child, at released sizes) before ours loads
+            reference(case, VARIANT, dtype=DT, device="cpu")
+        return build_talker64(checkpoint_dir(VARIANT))
 
-@pytest.mark.parametrize("row_name", TALKER_ROW_NAMES)
-def test_talker(row_name, talker_run, talker64, record):
-    got, ref = talker_run
-    n = len(talker64.model.layers)
-    row = {r.name: r for r in _talker_rows(n)}[row_name]
-    results = [r for t in row.taps for r in judge_calls(t, got, ref, row.tier_of(t))]
-    for r in results:
-        record(r, row=f"{row.name} (fp64)", component="Talker, fp64", variant=VARIANT,
-               notes=f"layer {n - 1} of {n}" if row.name == "Last layer" else "")
-    assert_row(row.name, results)
+    @pytest.fixture(scope="class")
+    def talker_run(self, talker64, reference):
+        ref = reference("talker_stack", VARIANT, dtype=DT, device="cpu")
+        got = run_stack(talker64, ref, "cpu", "eager")
+        assert all(p.is_meta for p in talker64.model.layers.parameters()), "a streamed layer stayed in memory"
+        return got, ref
 
+    @pytest.mark.parametrize("row_name", TALKER_ROW_NAMES)
+    def test_talker(self, row_name, talker_run, talker64, record):
+        got, ref = talker_run
+        n = len(talker64.model.layers)
+        row = {r.name: r for r in _talker_rows(n)}[row_name]
+        results = [r for t in row.taps for r in judge_calls(t, got, ref, row.tier_of(t))]
+        for r in results:
+            record(r, row=f"{row.name} (fp64)", component="Talker, fp64", variant=VARIANT,
+                   notes=f"layer {n - 1} of {n}" if row.name == "Last layer" else "")
+        assert_row(row.name, results)
 
-# ------------------------------------------------------------------------------------------ code predictor
-
-
-def test_code_predictor(talker64, reference, record):
-    ref = reference("lm_cp_teacher", VARIANT, dtype=DT, device="cpu")
-    got = teacher_run(SimpleNamespace(talker=talker64, device="cpu", attn="eager"), ref, F64)
-    results = [r for n in ref.meta["expected_taps"] for r in judge_calls(n, got, ref)]
-    assert len(results) >= 10
-    for r in results:
-        record(r, row="Code predictor (teacher-forced, fp64)", component="Code predictor, fp64", variant=VARIANT)
-    assert_row("Code predictor (teacher-forced, fp64)", results)
+    def test_code_predictor(self, talker64, reference, record):
+        ref = reference("lm_cp_teacher", VARIANT, dtype=DT, device="cpu")
+        got = teacher_run(SimpleNamespace(talker=talker64, device="cpu", attn="eager"), ref, F64)
+        results = [r for n in ref.meta["expected_taps"] for r in judge_calls(n, got, ref)]
+        assert len(results) >= 10
+        for r in results:
+            record(r, row="Code predictor (teacher-forced, fp64)", component="Code predictor, fp64", variant=VARIANT)
+        assert_row("Code predictor (teacher-forced, fp64)", results)
 
 
 # ------------------------------------------------------------------------------------------ codec decoder
@@ -181,36 +221,28 @@ def test_code_predictor(talker64, reference, record):
 DECODER_ROWS = [r.name for r in rows({"decoder_config": {"upsample_rates": [8, 5, 4, 3]}}) if r.driver != "chunked"]
 
 
-@pytest.fixture(scope="module")
-def decoder_env(checkpoint_dir, reference):
-    ckpt = checkpoint_dir(VARIANT)
-    st_cfg = json.loads((ckpt / "speech_tokenizer" / "config.json").read_text())
-    return load_codec(ckpt, "cpu", "eager", F64), reference("codec_decoder", VARIANT, dtype=DT, device="cpu"), \
-        {r.name: Row(r.name, r.taps, "fp64", driver=r.driver, modules=r.modules) for r in rows(st_cfg)}
+class TestCodecDecoder:
+    """The codec decoder in float64 (class-scoped, freed before the encoder loads)."""
 
+    @pytest.fixture(scope="class")
+    def decoder_env(self, checkpoint_dir, reference):
+        ckpt = checkpoint_dir(VARIANT)
+        st_cfg = json.loads((ckpt / "speech_tokenizer" / "config.json").read_text())
+        ref = reference("codec_decoder", VARIANT, dtype=DT, device="cpu")  # captured before ours loads
+        return load_codec(ckpt, "cpu", "eager", F64), ref, \
+            {r.name: Row(r.name, r.taps, "fp64", driver=r.driver, modules=r.modules) for r in rows(st_cfg)}
 
-@pytest.mark.parametrize("row_name", DECODER_ROWS)
-def test_codec_decoder(row_name, decoder_env, record):
-    codec, ref, by_name = decoder_env
-    results = row_results(by_name[row_name], codec, ref, "eager")
-    for r in results:
-        record(r, row=f"{row_name} (fp64)", component="Codec decoder, fp64", variant=VARIANT)
-    assert_row(row_name, results)
+    @pytest.mark.parametrize("row_name", DECODER_ROWS)
+    def test_codec_decoder(self, row_name, decoder_env, record):
+        codec, ref, by_name = decoder_env
+        results = row_results(by_name[row_name], codec, ref, "eager")
+        for r in results:
+            record(r, row=f"{row_name} (fp64)", component="Codec decoder, fp64", variant=VARIANT)
+        assert_row(row_name, results)
+
 
 
 # ------------------------------------------------------------------------------------------ codec encoder
-
-
-@pytest.fixture(scope="module")
-def encoder_run(checkpoint_dir, reference):
-    """Mimi in float64 under sdpa on the reference's audio (cast to the model dtype, as upstream's wrapper feeds
-    its tokenizer): (encoder, reference, {tap: tensor}, per-item trimmed codes)."""
-    ref = reference("codec_encoder", VARIANT, dtype=DT, device="cpu")
-    enc = build_encoder(checkpoint_dir(VARIANT), "cpu", F64, "sdpa")
-    with recording(enc, ENC) as rec, torch.no_grad():
-        out = enc(ref.input("audio").to(F64), ref.input("padding_mask"))
-    items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
-    return enc, ref, Calls(rec.records), items
 
 
 def _seanet(enc, ref, got) -> list[CompareResult]:
@@ -254,12 +286,27 @@ ENCODER_ROWS = {"Mimi SEANet": lambda e, r, g, i: _seanet(e, r, g),
                 "Mimi transformer": lambda e, r, g, i: _transformer(e, r, g), "Mimi codes": _codes}
 
 
-@pytest.mark.parametrize("row_name", list(ENCODER_ROWS))
-def test_codec_encoder(row_name, encoder_run, record):
-    results = ENCODER_ROWS[row_name](*encoder_run)
-    for r in results:
-        record(r, row=f"{row_name} (fp64)", component="Codec encoder, fp64", variant=VARIANT, notes="sdpa")
-    assert_row(row_name, results)
+class TestCodecEncoder:
+    """Mimi in float64 (class-scoped)."""
+
+    @pytest.fixture(scope="class")
+    def encoder_run(self, checkpoint_dir, reference):
+        """Mimi in float64 under sdpa on the reference's audio (cast to the model dtype, as upstream's wrapper feeds
+        its tokenizer): (encoder, reference, {tap: tensor}, per-item trimmed codes)."""
+        ref = reference("codec_encoder", VARIANT, dtype=DT, device="cpu")
+        enc = build_encoder(checkpoint_dir(VARIANT), "cpu", F64, "sdpa")
+        with recording(enc, ENC, include=end_to_end_taps(enc)) as rec, torch.no_grad():
+            out = enc(ref.input("audio").to(F64), ref.input("padding_mask"))
+        items = [c[:, :n].transpose(0, 1) for c, n in zip(out.codes, out.lengths.tolist())]
+        return enc, ref, Calls(rec.records), items
+
+    @pytest.mark.parametrize("row_name", list(ENCODER_ROWS))
+    def test_codec_encoder(self, row_name, encoder_run, record):
+        results = ENCODER_ROWS[row_name](*encoder_run)
+        for r in results:
+            record(r, row=f"{row_name} (fp64)", component="Codec encoder, fp64", variant=VARIANT, notes="sdpa")
+        assert_row(row_name, results)
+
 
 
 # ------------------------------------------------------------------------------------------ speaker encoder
@@ -271,13 +318,6 @@ def build_speaker_encoder64(ckpt) -> SpeakerEncoder:
     load_into(se, read_state_dict(ckpt, "speaker_encoder."), str(ckpt / "model.safetensors"), "speaker_encoder.")
     set_tap_paths(se, "speaker_encoder")
     return se.to(F64).eval()
-
-
-@pytest.fixture(scope="module")
-def speaker64(checkpoint_dir, reference):
-    ckpt = checkpoint_dir(VARIANT)
-    return (build_speaker_encoder64(ckpt), reference("speaker_xvector", VARIANT, dtype=DT, device="cpu"),
-            json.loads((ckpt / "config.json").read_text()))
 
 
 def _mel(se, ref, cfg) -> list[CompareResult]:
@@ -315,13 +355,23 @@ SPEAKER_ROWS = {"Mel spectrogram": (_mel, "mel in fp32 on both sides: upstream b
                                                                              "(fp32) -> ECAPA-TDNN (fp64)")}
 
 
-@pytest.mark.parametrize("row_name", list(SPEAKER_ROWS))
-def test_speaker_encoder(row_name, speaker64, record):
-    fn, notes = SPEAKER_ROWS[row_name]
-    results = fn(*speaker64)
-    for r in results:
-        record(r, row=f"{row_name} (fp64)", component="Speaker encoder, fp64", variant=VARIANT, notes=notes)
-    assert_row(row_name, results)
+class TestSpeakerEncoder:
+    """The speaker encoder in float64 (class-scoped)."""
+
+    @pytest.fixture(scope="class")
+    def speaker64(self, checkpoint_dir, reference):
+        ckpt = checkpoint_dir(VARIANT)
+        ref = reference("speaker_xvector", VARIANT, dtype=DT, device="cpu")  # captured before ours loads
+        return build_speaker_encoder64(ckpt), ref, json.loads((ckpt / "config.json").read_text())
+
+    @pytest.mark.parametrize("row_name", list(SPEAKER_ROWS))
+    def test_speaker_encoder(self, row_name, speaker64, record):
+        fn, notes = SPEAKER_ROWS[row_name]
+        results = fn(*speaker64)
+        for r in results:
+            record(r, row=f"{row_name} (fp64)", component="Speaker encoder, fp64", variant=VARIANT, notes=notes)
+        assert_row(row_name, results)
+
 
 
 # ------------------------------------------------------------------------------------------ mutation self-test

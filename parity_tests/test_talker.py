@@ -5,6 +5,8 @@ Rows:
   probabilities and output, MLP, layer output) on the ``talker_stack`` reference; on 0.6b/1.7b dimensions the
   middle and last layers (and the first at 1.7b) behind ``-m slow``.
 - ``Talker final norm``: the stack's final RMSNorm.
+- ``Talker (B, T) positions``: the stack fed one row of positions (B, T), as a text-only caller passes them, against
+  the same reference (upstream's default positions: ``arange(T)`` in three equal M-RoPE rows).
 - ``Talker positions``: ``rope_positions``/``step_positions`` == upstream ``get_rope_index`` + rope deltas for
   left-padded masks (exact), prefill and later steps.
 - ``Prefill vs incremental``: prompt + k frames in one prefill == prefill then k one-token steps through the
@@ -59,6 +61,25 @@ def test_talker_layers(variant, checkpoint_dir, reference, device, attn, record)
         record(r, row="Talker final norm", component="Talker", variant=variant)
         results.append(r)
     assert all(results), " | ".join(x.message for x in results if not x)
+
+
+def test_talker_two_dimensional_positions(checkpoint_dir, reference, device, record):
+    """Positions given as (B, T) are expanded to the three M-RoPE rows (upstream's talker does the same): ours fed
+    ``arange(T)`` as (B, T) must give the final norm of the ``talker_stack`` reference, which upstream ran on its
+    default positions (``arange(T)`` in three equal rows). Fed as (B, T) without the expansion, the table would be
+    merged from the batch axis instead."""
+    ref = reference("talker_stack", "base")
+    talker = build_talker(checkpoint_dir("base"), device)
+    ids = ref.input("text_ids").to(device)
+    B, T = ids.shape
+    pos = torch.arange(T, device=device).expand(B, T)
+    assert pos.ndim == 2
+    with torch.no_grad():
+        out = talker.model(talker.embed_text(ids), pos, causal_mask(T, T, torch.float32, torch.device(device), None))
+    r = compare("talker.model.norm:out", out, ref.tap("talker.model.norm:out"), "block")
+    record(r, row="Talker (B, T) positions", component="Talker", variant="base",
+           notes="positions as (B, T); upstream ran arange(T) in three rows")
+    assert r, r.message
 
 
 @pytest.mark.slow

@@ -123,8 +123,14 @@ class CausalTransConv1d(nn.Module):
 
     The trimmed right samples are partial sums still waiting for the next input frame's contribution: in
     streaming they are carried as the state (without bias) and added to the next chunk's first ``k-s`` samples.
-    Bias is added after the overlap-add on both paths, so the one-shot result is the streaming one with a zero
-    tail (it can differ from ``nn.ConvTranspose1d``'s fused bias by rounding only).
+
+    Without a state (a one-shot decode, or a stream's first chunk) the output is upstream's op exactly: the
+    transposed conv with its bias fused. A kernel that accumulates in fp32 adds a fused bias before its one
+    rounding; adding it afterwards rounds twice, which in bf16 differs from upstream wherever the CPU has native
+    bf16 convolutions (AVX512-BF16, AMX) or on a GPU (measured: 30 % of the outputs of a bf16 transposed conv,
+    one bf16 ulp each). The tail is then the bias-free partial sums of the last ``k-s`` samples, from the
+    ``ceil(k/s)`` last frames, the only ones that reach them. With a state (a later chunk) the bias is added after
+    the overlap-add, so streaming equals one-shot up to rounding.
 
     >>> y, state = CausalTransConv1d(4, 2, kernel_size=10, stride=5)(torch.zeros(1, 4, 3))
     >>> y.shape, state.tail.shape
@@ -136,13 +142,21 @@ class CausalTransConv1d(nn.Module):
         self.conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
         self.stride = stride
         self.right_pad = kernel_size - stride  # trimmed from the right in one-shot; the tail in streaming
+        self.reach = -(-kernel_size // stride)  # frames that reach one output sample, at most: ceil(k/s)
 
     def forward(self, x: torch.Tensor, state: TransConvState | None = None) -> Streamed:
         """x (B, C_in, T) -> y (B, C_out, T*s) and the tail (B, C_out, k-s)."""
-        n = x.shape[-1] * self.stride
+        T = x.shape[-1]
+        n = T * self.stride
+        w = self.conv.weight
+        if state is None:
+            y = F.conv_transpose1d(x, w, self.conv.bias, stride=self.stride)[..., :n]  # upstream's op, fused bias
+            last = x[..., T - min(T, self.reach):]
+            tail = F.conv_transpose1d(last, w, None, stride=self.stride)[..., last.shape[-1] * self.stride:]
+            return Streamed(y, TransConvState(tail))
         # (B, C_out, (T-1)*s + k) = (B, C_out, T*s + k-s); no bias yet, so the tail is a pure partial sum.
-        full = F.conv_transpose1d(x, self.conv.weight, None, stride=self.stride)
-        if state is not None and self.right_pad > 0:
+        full = F.conv_transpose1d(x, w, None, stride=self.stride)
+        if self.right_pad > 0:
             full = torch.cat((full[..., : self.right_pad] + state.tail, full[..., self.right_pad:]), dim=-1)
         y = full[..., :n]  # (B, C_out, T*s): the complete samples only
         if self.conv.bias is not None:

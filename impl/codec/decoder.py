@@ -14,7 +14,8 @@ the checkpoint's module names (``quantizer``, ``pre_conv``, ``pre_transformer``,
       decoder.5, .6    SnakeBeta, causal conv k7 -> 1 channel; clamp(-1, 1)    (B, 1, 1920F)
 
 Every stage is causal with no look-ahead, so ``_step(codes, state)`` on consecutive chunks equals ``forward`` on
-all frames (see ``streaming.py``); ``forward(codes)`` is ``_step(codes, None).y``, and ``stream()`` returns the
+all frames up to rounding (the transposed convs add their bias after the overlap-add on a later chunk, fused as
+upstream's on the first; see ``streaming.py``); ``forward(codes)`` is ``_step(codes, None).y``, and ``stream()`` returns the
 ``DecoderStream`` that carries the state between pushes (the codec's one streaming entry point).
 ``chunked_decode`` and ``decode_padded`` reproduce what upstream's ``decode()`` hands users (300-frame chunks,
 25 frames of recomputed left context), which is NOT the one-shot decode after frame 300.

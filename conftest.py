@@ -702,7 +702,7 @@ TOOL_TESTS = tuple(f"parity_tests/{m}.py" for m in (
     "test_mutations_bf16", "test_mutations_codec", "test_mutations_core", "test_mutations_lm", "test_bench",
     "test_matrix", "test_reports", "test_imports", "test_h5io", "test_progress", "test_every_call", "test_recorder",
     "test_capture_request", "test_capture_released", "test_synth", "test_cli", "test_compare", "test_mutants",
-    "test_capture_child", "test_device_placement"))
+    "test_capture_child", "test_device_placement", "test_boundaries"))
 TOOL_TESTS_REASON = ("tests of the harness's tools (bad input, faults, port checks, mutation self-tests, bench smoke, "
                      "reports, capture, device placement): they run on the tiny preset; a run on released dimensions or a checkpoint "
                      "runs the parity rows its weights feed")

@@ -162,3 +162,35 @@ def test_section_absent_or_unreadable(tmp_path):
     (tmp_path / "capture-released.json").write_text(json.dumps({"runs": [{"preset": "0.6b"}]}))
     text = "\n".join(capture_perf_section(tmp_path))
     assert "run 0 lacks key" in text
+
+
+def test_capture_measured_paths_cover_its_imports(checkpoint_dir, tmp_path):
+    """A capture row goes stale only when code it runs changes (``reports.capture_perf.CAPTURE_MEASURED_PATHS``):
+    every repository module that ``measure-capture`` or its ``capture --request`` child imports must be listed.
+    Python's import log (``PYTHONPROFILEIMPORTTIME``, inherited by the child) of a tiny measure-capture says which."""
+    import os
+    import subprocess
+    import sys
+
+    from reports.capture_perf import CAPTURE_MEASURED_PATHS
+
+    root = Path(__file__).resolve().parent.parent
+    ck = checkpoint_dir("custom_voice")
+    speaker = next(iter(json.loads((ck / "config.json").read_text())["talker_config"]["spk_id"]))
+    cmd = [sys.executable, "-m", "reference_export", "measure-capture", "--preset", "tiny", "--checkpoint", str(ck),
+           "--frames", "2", "--speaker", speaker, "--json", str(tmp_path / "m.json"), "--out", str(tmp_path / "c.h5")]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads((tmp_path / "m.json").read_text())["runs"]) == 1
+    names = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    ours = {n for n in names if n.split(".")[0] in ("impl", "reference_export")}
+    assert {"impl.config", "reference_export.capture"} <= ours, "the import log was not read from both processes"
+    files = []
+    for n in sorted(ours):
+        base = root.joinpath(*n.split("."))
+        f = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        assert f.is_file(), f"{n}: no file {f}"
+        files.append(f.relative_to(root).as_posix())
+    missing = [f for f in files if not any(f == p or f.startswith(p + "/") for p in CAPTURE_MEASURED_PATHS)]
+    assert not missing, f"imported by a capture measurement but not in CAPTURE_MEASURED_PATHS: {missing}"

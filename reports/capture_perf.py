@@ -1,6 +1,7 @@
 """The "Capture at released sizes (recorded)" section of VALIDATION.md: ``reports/capture-released.json`` as
 recorded by ``python -m reference_export measure-capture`` (reference_export/measure_capture.py), with its
-provenance and the freshness flag the benchmark section uses (``reports.perf._stale_line``). Nothing here re-runs
+provenance and the freshness flag the benchmark section uses (``reports.perf._stale_line``), over the code a capture
+measurement runs (``CAPTURE_MEASURED_PATHS``). Nothing here re-runs
 a capture or judges a timing; the peak-RSS budget (issue 16: peak ≤ 1.3× the weights in the capture dtype) is
 shown as measured against it, and the configurations of the grid that have no measurement are listed as such.
 A file or run that cannot be read is shown in one line naming the file and the key at fault.
@@ -17,6 +18,16 @@ from tabulate import tabulate
 from .perf import REPORTS, _fmt, _stale_line, shown_command
 
 FILE = "capture-released.json"
+# The code a capture measurement runs: reference_export/ (measure-capture and its `capture --request` child) and the
+# impl/ modules those two processes import (config parsing, weight loading, prompt building, output files; the CPU
+# line comes from impl/bench.py). Upstream computes the capture, so impl's codec, speaker encoder and tokenizer never
+# load there, and a change to them leaves a capture row fresh. A module added to either process's imports and not
+# listed here fails parity_tests/test_capture_released.py::test_capture_measured_paths_cover_its_imports (a tiny
+# measure-capture run with Python's import log).
+CAPTURE_IMPL_MODULES = ("__init__", "audio", "bench", "code_predictor", "config", "fast_decode", "generate",
+                        "kv_cache", "layers", "loading", "model", "outfile", "progress", "prompt", "sampling",
+                        "talker", "taps")
+CAPTURE_MEASURED_PATHS = ("reference_export", *(f"impl/{m}.py" for m in CAPTURE_IMPL_MODULES))
 # The grid issue 16 asks for: each preset × dtype, with all taps and with --taps for one talker layer.
 GRID = [(p, d, t) for p in ("0.6b", "1.7b") for d in ("float32", "bfloat16") for t in ("all", "one layer")]
 HEADERS = ["preset", "dtype (codec)", "taps", "frames ran / asked (stop)", "wall time", "peak RSS GB",
@@ -99,7 +110,7 @@ def capture_perf_section(folder: Path | None = None, root: Path | None = None) -
             lines.append(f"- ⚠️ `{f.name}`: run {i} lacks key {e}; not shown")
             continue
         provs.append(_provenance_line(r))
-        stale = _stale_line(r.get("provenance") or {}, root)
+        stale = _stale_line(r.get("provenance") or {}, root, CAPTURE_MEASURED_PATHS)
         if stale:
             provs.append(stale)
     if rows:

@@ -54,11 +54,11 @@ def _checkpoint_words(p: dict[str, Any]) -> str:
 TOOL_MEASURED_PATHS = ("impl", "reference_export")
 
 
-def _stale_line(p: dict[str, Any], root: Path | None) -> str:
-    """The freshness check the recorded sections get: flagged when the measured code (``TOOL_MEASURED_PATHS``)
-    changed after the sha."""
+def _stale_line(p: dict[str, Any], root: Path | None, paths: tuple[str, ...] = TOOL_MEASURED_PATHS) -> str:
+    """The freshness check the recorded sections get: flagged when the measured code (``paths``, by default
+    ``TOOL_MEASURED_PATHS``) changed after the sha."""
     sha = str(p.get("git") or "").removesuffix("+dirty")
-    f = freshness(sha, str(p.get("date_utc", "")), paths=TOOL_MEASURED_PATHS, **({"root": root} if root else {}))
+    f = freshness(sha, str(p.get("date_utc", "")), paths=paths, **({"root": root} if root else {}))
     dirty = " (measured on a tree with uncommitted changes)" if str(p.get("git") or "").endswith("+dirty") else ""
     if f.stale:
         return f"  - **⚠️ Possibly stale:** measured at `{sha[:10] or '?'}`{dirty}, but {f.stale}"

@@ -113,8 +113,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "--checkpoint, where upstream beside our model would double the memory)")
     g.addoption("--splits", type=int, default=None, metavar="N", help="run one of N shards (with --group i)")
     g.addoption("--group", type=int, default=None, metavar="I", help="which shard of --splits N to run (1..N)")
-    g.addoption("--durations-path", default=str(DURATIONS), metavar="FILE",
-                help="per-test seconds that shards are balanced on (default reports/durations.json)")
+    g.addoption("--durations-path", default=None, metavar="FILE",
+                help="per-test seconds that shards are balanced on (default reports/durations-<preset>.json where "
+                     "one is committed for --preset, else reports/durations.json)")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -677,6 +678,17 @@ def plan_shards(weights: list[float], splits: int) -> list[int]:
     return out
 
 
+def durations_path(config: pytest.Config) -> str:
+    """``--durations-path``, else the committed durations of the run's preset (``reports/durations-0.6b.json``,
+    measured by a whole ``--preset 0.6b`` run: generation dominates there, not on tiny), else
+    ``reports/durations.json`` (tiny; also what a --checkpoint run balances on)."""
+    given = config.getoption("--durations-path")
+    if given:
+        return str(given)
+    own = DURATIONS.with_name(f"durations-{config.getoption('--preset')}.json")
+    return str(own if not config.getoption("--checkpoint") and own.is_file() else DURATIONS)
+
+
 def _durations(path: str) -> dict[str, float]:
     """The durations file; a missing one balances on test counts (the shard's line says so), a malformed one is a
     usage error."""
@@ -736,7 +748,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     s = shard_of(config)
     if s is None:
         return
-    durations = _durations(config.getoption("--durations-path"))
+    durations = _durations(durations_path(config))
     default = sum(durations.values()) / len(durations) if durations else 1.0
     modules: dict[str, float] = {}
     for it in items:

@@ -164,8 +164,14 @@ def test_loop_taps(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference,
     mask = ref.tap("talker:prompt_mask").bool()  # (B, L)
     n_layers = sum(1 for t in ref.meta["expected_taps"] if re.fullmatch(r"talker\.model\.layers\.\d+:out", t))
     assert n_layers > 0
+    # Layer outputs here come from two whole autoregressive runs: each side feeds its own previous layers, calls and
+    # frames, never the other's, so layer i carries the rounding of i layers over every call before it. That is the
+    # stack tier's case ("many layers"), not one block on the reference's input. Measured on CPU fp32 with equal
+    # codes: tiny at most 3.8e-6; 0.6b (28 layers, about 30 calls) 1.3e-5..2.0e-5 from layer 15 on at |x| 5..18
+    # (a few of 188416 elements, about 20 ulp, cosine 1.0), past the block tier's 1e-5. The same holds for the
+    # predictor's layers (fed our talker's hidden state): 0.6b 1.1e-5..1.5e-5.
     groups = {
-        "Talker layers (generation)": ([f"talker.model.layers.{i}:out" for i in range(n_layers)], "block"),
+        "Talker layers (generation)": ([f"talker.model.layers.{i}:out" for i in range(n_layers)], "stack"),
         "Talker final norm": (["talker.model.norm:out"], "block"),
         "Codec logits": (["talker.codec_head:out"], "stack"),
     }
@@ -221,7 +227,7 @@ def test_loop_taps(mode, nsm, gen_run, record, dtype, checkpoint_dir, reference,
         assert len(got) == len(want) == k, f"{name}: {len(got)} impl calls vs {len(want)} upstream, {k} expected"
         g = torch.cat([t.reshape(-1, t.shape[-1]) for t in got])
         w = torch.cat([t.reshape(-1, t.shape[-1]) for t in want])
-        r = compare(name, g.float(), w.float(), "block")
+        r = compare(name, g.float(), w.float(), "stack")  # fed our own talker's hidden state: see the groups above
         record(r, row="Code predictor layers (generation)", component="Generation", variant=variant,
                notes=f"{n_frames} frames x {per_frame} calls")
         all_ok.append(r)

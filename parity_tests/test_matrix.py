@@ -197,6 +197,27 @@ def test_tool_tests_leave_a_released_or_checkpoint_run_with_a_reason(opts):
     assert "deselected" in p.stdout and "tool tests: tests of the harness's tools" in p.stdout, p.stdout[-1500:]
 
 
+def test_a_released_shard_balances_on_its_presets_durations():
+    """``--preset 0.6b --splits 2`` balances on the committed ``reports/durations-0.6b.json`` (a whole 0.6b run's
+    per-test seconds), not on tiny's file: the shard line's estimate is that file's plan. Collection only."""
+    from conftest import plan_shards
+
+    d = json.loads((ROOT / "reports" / "durations-0.6b.json").read_text())
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", "--preset", "0.6b",
+                        "--splits", "2", "--group", "2", "parity_tests"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
+    modules: dict[str, float] = {}
+    for nid in d:  # the file holds exactly the run's tests, in collection order
+        modules[nid.split("::")[0]] = modules.get(nid.split("::")[0], 0.0) + d[nid]
+    plan = plan_shards(list(modules.values()), 2)
+    mine = [m for m, g in zip(modules, plan) if g == 1]
+    assert sorted({i.split("::")[0] for i in ids}) == sorted(mine)
+    est = sum(w for w, g in zip(modules.values(), plan) if g == 1)
+    assert f"about {est:.0f} s by the durations file" in p.stdout, p.stdout[-1500:]
+
+
 def test_durations_file_is_refreshed_from_results(synthetic, tmp_path, capsys):
     _, _, serial = synthetic
     src = tmp_path / "r.json"

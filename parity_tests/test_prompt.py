@@ -30,7 +30,7 @@ from impl.talker import Talker
 from reference_export.cases.lm import MODES, gen_case_name
 from reports.compare import compare_exact
 
-from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, call_name, compare_calls
+from .helpers import GEN_CASES, MODE_NAME, TEXT_NAME, call_name, compare_calls, release_models
 from .helpers_bf16 import bf16_run, three_way
 
 
@@ -147,6 +147,7 @@ def test_instruct_rules():
 def test_dropped_instruct_warns(checkpoint_dir):
     from impl.model import Qwen3TTS
 
+    release_models()  # a model of its own (its config is edited below): not beside the shared one at released sizes
     tts = Qwen3TTS.from_pretrained(checkpoint_dir("custom_voice"))
     tts.config.tts_model_size = "0b6"
     with pytest.warns(UserWarning, match="instruct is ignored"):

@@ -58,7 +58,8 @@ def _bf16_codes(mode, nsm, checkpoint_dir, reference, device, attn, record, pres
     results = bf16_codes_results(res, recs, ref16, ref32, settings, eos, sampled=sampled)
     for i, r in enumerate(results):
         record(r, row=row, component=component, variant=variant, preset_override=preset or "",
-               notes=f"item {i}: {res.codes[i].shape[0]} frames, stop={res.stop_reason[i]}")
+               notes=f"item {i}: {res.codes[i].shape[0]} frames, stop={res.stop_reason[i]}, attention "
+                     f"{ref16.meta.get('attn')} on both sides")
     assert all(results), " | ".join(r.message for r in results if not r)
 
 

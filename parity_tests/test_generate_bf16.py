@@ -39,7 +39,7 @@ def test_greedy_codes_bf16(mode, nsm, checkpoint_dir, reference, device, attn, d
     for i, r in enumerate(results):
         record(r, row=row, component="Generation, bf16", variant=variant, compares="ours vs upstream",
                notes=f"item {i}: {res.codes[i].shape[0]} frames, stop={res.stop_reason[i]}; upstream bf16 and fp32 "
-                     f"on {device}; {divergence_note(r)}")
+                     f"on {device}, attention {ref16.meta.get('attn')} on both sides; {divergence_note(r)}")
     assert all(results), " | ".join(r.message for r in results if not r)
 
 

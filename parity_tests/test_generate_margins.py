@@ -100,25 +100,21 @@ COMPONENT = "Generation, bf16"
 BF16 = torch.bfloat16
 
 
-def _skip_unless_tiny(preset: str, config: pytest.Config) -> None:
-    if preset != "tiny" or config.getoption("--checkpoint"):
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_only(preset, request):
+    """Module-scoped and autouse, so it runs before the module-scoped ``sides``: on a 0.6b run that fixture, set up
+    ahead of a function-scoped skip, captured four references and built a sharpened 0.6b checkpoint (5.8 min, 21 GB
+    peak RSS) for tests that then skipped."""
+    if preset != "tiny" or request.config.getoption("--checkpoint"):
         pytest.skip("the realistic-margin checkpoint is built from the tiny custom_voice one")
 
 
-@pytest.fixture(autouse=True)
-def _tiny_only(preset, request):
-    _skip_unless_tiny(preset, request.config)
-
-
 @pytest.fixture(scope="module")
-def sides(checkpoint_dir, reference, device, preset, request):
+def sides(checkpoint_dir, reference, device):
     """``{"random": (ckpt, ref16, ref32), "margins": (ckpt, ref16, ref32)}``: upstream's bf16 and fp32 captures of
     the case on the random-weight tiny checkpoint and on the realistic-margin one made from it."""
     from conftest import reference_file
 
-    # Before any capture: a module-scoped fixture is set up ahead of the autouse skip above, and on a 0.6b run it
-    # captured four references and built a sharpened 0.6b checkpoint (5.8 min, 21 GB peak RSS) for tests that skip.
-    _skip_unless_tiny(preset, request.config)
     rnd = checkpoint_dir(VARIANT)
     out = {"random": (rnd, reference(CASE, VARIANT, dtype="bfloat16"), reference(CASE, VARIANT))}
     ckpt = margins_checkpoint(rnd, out["random"][2])

@@ -458,11 +458,11 @@ class Results:
     def watch_rss(self, nodeid: str) -> None:
         """After a test: the RSS high-water mark (``VmHWM``) reached since the last test ended (the mark is lowered
         to the present RSS after each reading, where Linux allows), charged to this test (its setup included). Keeps
-        the highest and the five heaviest tests."""
+        the highest and the ten heaviest tests."""
         hwm = rss_high_water()
         if not hwm:
             return
-        top = sorted([*self.peak.get("top", []), [hwm, nodeid]], key=lambda t: -t[0])[:5]
+        top = sorted([*self.peak.get("top", []), [hwm, nodeid]], key=lambda t: -t[0])[:10]
         if hwm > self.peak.get("bytes", 0):
             self.peak = {"bytes": hwm, "nodeid": nodeid}
         self.peak["top"] = top
@@ -509,7 +509,7 @@ def memory_provenance(peaks: list[dict], weights: dict[str, int], captures: list
         return None
     top = max(peaks, key=lambda p: p["bytes"])
     out: dict = {"peak_rss_gb": round(top["bytes"] / 1e9, 3), "peak_rss_test": top.get("nodeid", "")}
-    heaviest = sorted((t for p in peaks for t in p.get("top", [])), key=lambda t: -t[0])[:5]
+    heaviest = sorted((t for p in peaks for t in p.get("top", [])), key=lambda t: -t[0])[:10]
     if heaviest:  # per-test peaks: where the memory goes, the next thing to slim
         out["heaviest_tests"] = [[round(b / 1e9, 3), nid] for b, nid in heaviest]
     if weights:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import _MODELS, _RUNS, GEN_TAPS, ONE_MODEL, load_model, run_impl
+from .helpers import _MODELS, _RUNS, GEN_TAPS, ONE_MODEL, free_memory, load_model, run_impl
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,8 @@ def gen_run(checkpoint_dir, reference, device, dtype, attn):
                 _RUNS.clear()
             if preset is not None:
                 _MODELS.clear()  # a released model asked for by a tiny session is not kept beside the tiny ones
+            if preset is not None or ONE_MODEL[0]:
+                free_memory()
             ref = reference(case_name, variant, preset)
             tts = load_model(checkpoint_dir(variant, preset), device, dtype, attn)
             res, recs = run_impl(tts, ref, include=GEN_TAPS)

@@ -20,9 +20,8 @@ def gen_run(checkpoint_dir, reference, device, dtype, attn):
                 # time; a case asked for again after another one ran is generated again. With four runs of one
                 # model cached (every tap recorded then), test_prompt.py reached 17 GB at 0.6b.
                 _RUNS.clear()
-            if preset is not None:
-                _MODELS.clear()  # a released model asked for by a tiny session is not kept beside the tiny ones
-            if preset is not None or ONE_MODEL[0]:
+                if preset is not None:
+                    _MODELS.clear()  # a released model asked for by a tiny session is not kept beside the tiny ones
                 free_memory()
             ref = reference(case_name, variant, preset)
             tts = load_model(checkpoint_dir(variant, preset), device, dtype, attn)

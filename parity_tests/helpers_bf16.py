@@ -95,14 +95,13 @@ def bf16_run(reference, checkpoint_dir, device: str, attn: str, case: str, varia
     sdpa bf16 at (frame 0, codebook 9) with a margin of 2 bf16 ulps, item 2 at (0, 7); our sdpa loop gave upstream's
     codes exactly for all three items (48, 48, 42 frames). Eager attention in bf16 is compared with upstream's eager
     layer by layer (``test_bf16.py``'s talker stack rows)."""
-    ref16 = reference(case, variant, preset, dtype="bfloat16")
-    attn = ref16.meta.get("attn") or attn
     key = (case, variant, preset, device, attn)
     if key not in _BF16_RUNS:
         if len(_BF16_RUNS) > 3 or preset is not None:
             _BF16_RUNS.clear()
+        ref16 = reference(case, variant, preset, dtype="bfloat16")  # opened once per cached run, not per call
         ref32 = reference(case, variant, preset)
-        tts = load_model(checkpoint_dir(variant, preset), device, torch.bfloat16, attn)
+        tts = load_model(checkpoint_dir(variant, preset), device, torch.bfloat16, ref16.meta.get("attn") or attn)
         res, recs = run_impl(tts, ref16, include=GEN_TAPS)
         settings, _ = settings_from_ref(tts, ref16)
         _BF16_RUNS[key] = (ref16, ref32, res, recs, settings, tts.talker.cfg.codec_eos_token_id)
